@@ -1,0 +1,237 @@
+"""The contracts every plugin implements: `Source` and `Target`.
+
+All vendor SDKs block, so these interfaces are synchronous; the engine owns the threads.
+Capabilities are class-level flags, checked before connecting. A plugin translates its SDK's
+exceptions into the `standby.core.errors` tree at its edge (`raise ... from`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, ClassVar
+
+from standby.core.config import Site
+from standby.core.errors import CapabilityNotSupported, NotFound
+from standby.core.model import (
+    Consistency,
+    Extent,
+    FailoverResult,
+    PointInfo,
+    ProtectionInfo,
+    Validation,
+    VMSpec,
+)
+
+
+@dataclass(frozen=True)
+class SourceCapabilities:
+    """What a source can do, known without connecting."""
+
+    change_tracking: bool = False
+    app_consistent: bool = False
+    power_ops: bool = False
+    max_parallel_reads: int = 4
+
+
+@dataclass(frozen=True)
+class TargetCapabilities:
+    """What a target can do, known without connecting."""
+
+    test_failover: bool = False
+    max_disks: int = 64
+    max_disk_size: int = 1 << 50
+    alignment: int = 512
+    max_write: int = 4 << 20
+    max_parallel_writes: int = 4
+
+
+@dataclass
+class Snapshot:
+    """A point-in-time view of all disks of a VM at the source.
+
+    `since` is the change token each disk's extents are relative to (None: full read).
+    `tokens` are the change tokens this snapshot establishes, stored once the point commits.
+    `handle` is the plugin's own state.
+    """
+
+    vm: VMSpec
+    consistency: Consistency
+    taken_at: datetime
+    since: dict[str, str | None]
+    tokens: dict[str, str | None]
+    handle: Any = None
+    notes: list[str] = field(default_factory=list)
+
+
+class Plugin(ABC):
+    """What sources and targets share: a site, a connection and a readiness check."""
+
+    plugin_name: ClassVar[str] = ""
+
+    def __init__(self, site: Site) -> None:
+        self.site = site
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why this plugin cannot work on this machine (a library missing...), or None."""
+        return None
+
+    @abstractmethod
+    def connect(self) -> None:
+        """Open the platform connection; raise AuthError/TransientError/PluginError."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the connection; safe to call twice."""
+
+    def check(self) -> list[str]:
+        """Connect and report facts about the site (for `standby sites check`)."""
+        self.connect()
+        return [f"connected to {self.site.name}"]
+
+    def __enter__(self) -> Plugin:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Source(Plugin):
+    """Where VMs run today. Must be safe for concurrent `read` calls from engine threads."""
+
+    capabilities: ClassVar[SourceCapabilities] = SourceCapabilities()
+
+    @abstractmethod
+    def list_vms(self) -> list[VMSpec]:
+        """Inventory of the site's VMs."""
+
+    def get_vm(self, key: str) -> VMSpec:
+        """One VM by id or name; NotFound when it does not exist."""
+        for vm in self.list_vms():
+            if key in (vm.id, vm.name):
+                return vm
+        raise NotFound(f"VM '{key}' not found at site '{self.site.name}'")
+
+    @abstractmethod
+    def open_snapshot(
+        self, vm: VMSpec, consistency: Consistency, since: Mapping[str, str | None]
+    ) -> AbstractContextManager[Snapshot]:
+        """Freeze a point-in-time view of every disk of `vm`.
+
+        `since` maps disk name -> the change token of the last good point (or None for a full
+        read). If the source cannot honour a token (expired, unknown), it sets that disk's
+        `Snapshot.since` entry to None and the engine does a full read with hash-compare.
+        When app consistency is asked for but cannot be had, the snapshot says CRASH and
+        adds a note. Leaving the context releases everything the snapshot holds.
+        """
+
+    @abstractmethod
+    def changed_extents(self, snapshot: Snapshot, disk: str) -> Iterator[Extent]:
+        """Extents changed since `snapshot.since[disk]`; all allocated extents when None.
+
+        Extents are in offset order and may be reported at any granularity.
+        """
+
+    @abstractmethod
+    def read(self, snapshot: Snapshot, disk: str, extent: Extent) -> bytes:
+        """Bytes of one extent as of the snapshot. Called from several threads at once."""
+
+    def token_valid(self, vm: VMSpec, token: str) -> bool:
+        """Whether a change token can still serve as `since`."""
+        return False
+
+    def release_tokens(self, vm: VMSpec, keep: Mapping[str, str | None]) -> None:
+        """Drop source-side change-tracking state other than `keep` (stale checkpoints)."""
+
+    def power_off(self, vm: VMSpec) -> None:
+        raise CapabilityNotSupported(f"plugin '{self.plugin_name}' cannot power VMs off")
+
+    def power_on(self, vm: VMSpec) -> None:
+        raise CapabilityNotSupported(f"plugin '{self.plugin_name}' cannot power VMs on")
+
+
+class ReplicaWriter(ABC):
+    """One cycle's write session into a protection's replica disks at the target.
+
+    Writes land in a pending state that no recovery point exposes; `commit_point` turns them
+    into an immutable point. A session reopened with the same cycle id continues the same
+    pending state (that is how an interrupted cycle resumes). Safe for concurrent writes.
+    """
+
+    @abstractmethod
+    def write(self, disk: str, offset: int, data: bytes) -> None:
+        """Write bytes at offset (aligned to the target's alignment)."""
+
+    @abstractmethod
+    def write_zeroes(self, disk: str, extent: Extent) -> None:
+        """Make an extent read as zeroes (trim where possible)."""
+
+    @abstractmethod
+    def read(self, disk: str, extent: Extent) -> bytes:
+        """Read back pending bytes (used to verify before commit)."""
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Make every write so far durable; progress is checkpointed only after this."""
+
+    @abstractmethod
+    def commit_point(self, point_id: int) -> dict[str, Any]:
+        """Seal the pending state as recovery point `point_id`; idempotent. Returns its ref."""
+
+
+class Target(Plugin):
+    """The DR site: keeps replica disks and recovery points, and fails VMs over."""
+
+    capabilities: ClassVar[TargetCapabilities] = TargetCapabilities()
+
+    @abstractmethod
+    def validate(self, vm: VMSpec) -> Validation:
+        """Every reason `vm` cannot be protected here, and the size chosen for failover."""
+
+    @abstractmethod
+    def prepare(self, protection: ProtectionInfo) -> None:
+        """Create what the protection needs at the target (idempotent)."""
+
+    @abstractmethod
+    def open_writer(
+        self, protection: ProtectionInfo, cycle_id: int, base: PointInfo | None
+    ) -> AbstractContextManager[ReplicaWriter]:
+        """Open (or reopen) the pending state of cycle `cycle_id` on top of point `base`.
+
+        Disk sizes come from `protection.vm`; a disk larger than at `base` is grown.
+        """
+
+    @abstractmethod
+    def discard_pending(self, protection: ProtectionInfo, cycle_id: int) -> None:
+        """Drop what an abandoned cycle wrote (idempotent)."""
+
+    @abstractmethod
+    def prune(
+        self, protection: ProtectionInfo, drop: list[PointInfo], keep: list[PointInfo]
+    ) -> dict[int, dict[str, Any]]:
+        """Delete points `drop`; returns new refs for kept points whose storage moved."""
+
+    @abstractmethod
+    def failover(
+        self,
+        protection: ProtectionInfo,
+        point: PointInfo,
+        *,
+        test: bool,
+        network: str | None = None,
+        size: str | None = None,
+    ) -> FailoverResult:
+        """Start a VM from `point`; a test failover goes to an isolated network."""
+
+    @abstractmethod
+    def cleanup_test(self, protection: ProtectionInfo, ref: Mapping[str, Any]) -> None:
+        """Remove everything a test failover created (idempotent)."""
+
+    @abstractmethod
+    def remove(self, protection: ProtectionInfo, points: list[PointInfo]) -> None:
+        """Remove every replica and point of a protection (unprotect)."""

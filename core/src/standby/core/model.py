@@ -1,0 +1,146 @@
+"""Provider-neutral data shapes shared by sources, targets and the engine."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+
+class Firmware(StrEnum):
+    """Boot firmware of a VM."""
+
+    BIOS = "bios"
+    UEFI = "uefi"
+
+
+class Consistency(StrEnum):
+    """How consistent a recovery point is."""
+
+    CRASH = "crash"
+    APP = "app"
+
+
+@dataclass(frozen=True)
+class Extent:
+    """A byte range of a disk."""
+
+    offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """One disk of a VM as the source sees it.
+
+    `name` is the disk's stable key inside the VM (libvirt target dev, vSphere device key...).
+    `change_tracking` is False when the source cannot report changed extents for this disk
+    (the engine then falls back to hash-compare against the last point's manifest).
+    """
+
+    name: str
+    size: int
+    format: str = "raw"
+    change_tracking: bool = True
+    boot: bool = False
+
+
+@dataclass(frozen=True)
+class NicSpec:
+    """One network interface of a VM."""
+
+    name: str
+    mac: str
+    network: str = ""
+    model: str = "virtio"
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """Inventory of one VM: what a target needs to know to protect and recreate it.
+
+    `extra` carries platform-specific hints as strings (e.g. direct-kernel boot paths) that a
+    target of the same platform may honour and others ignore.
+    """
+
+    id: str
+    name: str
+    cpus: int
+    memory_mib: int
+    firmware: Firmware = Firmware.BIOS
+    disks: tuple[DiskSpec, ...] = ()
+    nics: tuple[NicSpec, ...] = ()
+    guest_os: str = "unknown"
+    power_state: str = "unknown"
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def disk(self, name: str) -> DiskSpec:
+        for d in self.disks:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VMSpec:
+        return cls(
+            id=data["id"],
+            name=data["name"],
+            cpus=int(data["cpus"]),
+            memory_mib=int(data["memory_mib"]),
+            firmware=Firmware(data.get("firmware", "bios")),
+            disks=tuple(DiskSpec(**d) for d in data.get("disks", ())),
+            nics=tuple(NicSpec(**n) for n in data.get("nics", ())),
+            guest_os=data.get("guest_os", "unknown"),
+            power_state=data.get("power_state", "unknown"),
+            extra=dict(data.get("extra", {})),
+        )
+
+
+@dataclass(frozen=True)
+class Validation:
+    """What a target says about a VM: every problem that prevents protection, and its choices."""
+
+    problems: list[str] = field(default_factory=list)
+    size: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass(frozen=True)
+class ProtectionInfo:
+    """What a target needs to know about a protection."""
+
+    id: int
+    vm: VMSpec
+    source_site: str
+    target_site: str
+
+
+@dataclass(frozen=True)
+class PointInfo:
+    """A recovery point as handed to a target: its id, time, and the target's own reference."""
+
+    id: int
+    created_at: datetime
+    ref: dict[str, Any]
+    disks: dict[str, int]  # disk name -> size in bytes at that point
+
+
+@dataclass(frozen=True)
+class FailoverResult:
+    """What a failover created: the target's reference (to clean up) and a human summary."""
+
+    ref: dict[str, Any]
+    vm_name: str
+    summary: str

@@ -1,0 +1,190 @@
+"""libvirt connections: the event loop, embedded roots, auth and error translation."""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import parse_qs, urlparse
+
+from pydantic import field_validator
+from standby.core.config import SecretRef, Site, SiteOptions, resolve_secret
+from standby.core.errors import (
+    AuthError,
+    Busy,
+    ConfigError,
+    NotFound,
+    PluginError,
+    StandbyError,
+    TransientError,
+)
+
+EMBED_QEMU_CONF = """\
+# written by standby for an embedded (daemon-less) libvirt root
+user = "root"
+group = "root"
+dynamic_ownership = 0
+security_driver = "none"
+cgroup_controllers = [ ]
+stdio_handler = "file"
+"""
+
+
+class PhysicalOptions(SiteOptions):
+    """Keys of a `plugin = "physical"` site file."""
+
+    uri: str
+    username: str | None = None
+    password: SecretRef | None = None
+    domain_type: Literal["kvm", "qemu"] = "kvm"
+    work_dir: str | None = None
+    pool_dir: str | None = None
+    networks: dict[str, str] = {}
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        if "://" not in value:
+            raise ValueError(f"'{value}' is not a libvirt URI (e.g. qemu:///system)")
+        return value
+
+    def embed_root(self) -> Path | None:
+        parsed = urlparse(self.uri)
+        if parsed.path == "/embed":
+            roots = parse_qs(parsed.query).get("root")
+            if not roots:
+                raise ConfigError("key 'uri': qemu:///embed needs ?root=DIR")
+            return Path(roots[0])
+        return None
+
+    def is_local(self) -> bool:
+        return not urlparse(self.uri).netloc
+
+    def work_path(self) -> Path:
+        if self.work_dir:
+            return Path(self.work_dir)
+        root = self.embed_root()
+        return (root / "standby-work") if root else Path("/var/lib/standby/work")
+
+
+_loop_lock = threading.Lock()
+_loop_started = False
+
+
+def libvirt_module() -> Any:
+    import libvirt
+
+    return libvirt
+
+
+def unavailable_reason() -> str | None:
+    """Why the plugin cannot work here (the libvirt or libnbd Python bindings missing)."""
+    for mod, hint in (
+        ("libvirt", "pip package libvirt-python (needs libvirt-dev to build)"),
+        ("nbd", "Debian package python3-libnbd linked into the virtualenv (make setup)"),
+    ):
+        if importlib.util.find_spec(mod) is None:
+            return f"Python module '{mod}' is missing: install {hint}"
+    return None
+
+
+def _start_event_loop() -> None:
+    global _loop_started
+    libvirt = libvirt_module()
+    with _loop_lock:
+        if _loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _loop_started = True
+
+
+def translate(exc: Exception, what: str) -> StandbyError:
+    """A libvirt error as a one-line standby error."""
+    libvirt = libvirt_module()
+    if not isinstance(exc, libvirt.libvirtError):
+        return PluginError(f"{what}: {type(exc).__name__}: {exc}")
+    code = exc.get_error_code()
+    msg = (exc.get_error_message() or str(exc)).splitlines()[0]
+    if "Failed to acquire pid file" in msg:
+        return Busy(f"{what}: the embedded libvirt root is in use by another standby process")
+    if code in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT):
+        return NotFound(f"{what}: {msg}")
+    if code in (libvirt.VIR_ERR_AUTH_FAILED, libvirt.VIR_ERR_AUTH_CANCELLED):
+        return AuthError(f"{what}: authentication failed")
+    if code in (
+        libvirt.VIR_ERR_SYSTEM_ERROR,
+        libvirt.VIR_ERR_RPC,
+        libvirt.VIR_ERR_NO_CONNECT,
+        libvirt.VIR_ERR_OPERATION_TIMEOUT,
+        libvirt.VIR_ERR_AGENT_UNRESPONSIVE,
+    ):
+        return TransientError(f"{what}: {msg}")
+    return PluginError(f"{what}: {msg}")
+
+
+@contextmanager
+def libvirt_errors(what: str) -> Iterator[None]:
+    """Translate libvirt exceptions raised inside the block."""
+    libvirt = libvirt_module()
+    try:
+        yield
+    except libvirt.libvirtError as exc:
+        raise translate(exc, what) from exc
+
+
+def prepare_embed_root(root: Path) -> None:
+    """An embedded root needs a qemu.conf that lets QEMU run as this user without a daemon."""
+    conf = root / "etc" / "qemu.conf"
+    if not conf.exists():
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        conf.write_text(EMBED_QEMU_CONF)
+
+
+def open_connection(site: Site, opts: PhysicalOptions) -> Any:
+    """Open the site's libvirt connection (authenticating with the secret reference if any)."""
+    libvirt = libvirt_module()
+    _start_event_loop()
+    root = opts.embed_root()
+    if root is not None:
+        prepare_embed_root(root)
+    what = f"site '{site.name}' ({opts.uri})"
+    try:
+        if opts.password is None and opts.username is None:
+            return libvirt.open(opts.uri)
+        password = resolve_secret(opts.password) if opts.password else ""
+
+        def creds(items: list[list[Any]], _data: object) -> int:
+            for item in items:
+                if item[0] == libvirt.VIR_CRED_AUTHNAME:
+                    item[4] = opts.username or ""
+                elif item[0] == libvirt.VIR_CRED_PASSPHRASE:
+                    item[4] = password
+            return 0
+
+        auth: list[Any] = [
+            [libvirt.VIR_CRED_AUTHNAME, libvirt.VIR_CRED_PASSPHRASE],
+            creds,
+            None,
+        ]
+        return libvirt.openAuth(opts.uri, auth, 0)
+    except libvirt.libvirtError as exc:
+        err = translate(exc, f"cannot connect to {what}")
+        if type(err) is PluginError:
+            err = TransientError(str(err))
+        raise err from exc
+
+
+def quiet_libvirt() -> None:
+    """Stop libvirt from printing errors to stderr: standby reports them itself."""
+    libvirt = libvirt_module()
+    handler: Callable[[object, object], None] = lambda _ctx, _err: None  # noqa: E731
+    libvirt.registerErrorHandler(handler, None)

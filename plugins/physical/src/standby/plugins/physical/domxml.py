@@ -1,0 +1,107 @@
+"""Domain XML <-> VMSpec."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from typing import Any
+
+from standby.core.model import DiskSpec, Firmware, NicSpec, VMSpec
+
+BUS_BY_PREFIX = {"vd": "virtio", "sd": "sata", "hd": "ide", "xvd": "xen"}
+
+
+def bus_for(dev: str) -> str:
+    for prefix, bus in BUS_BY_PREFIX.items():
+        if dev.startswith(prefix):
+            return bus
+    return "virtio"
+
+
+def parse_domain(xml: str, sizes: dict[str, int], state: str) -> VMSpec:
+    """VM spec from a domain's XML; `sizes` gives each disk's capacity (from blockInfo)."""
+    root = ET.fromstring(xml)
+    name = root.findtext("name", "")
+    uuid = root.findtext("uuid", "")
+    vcpu = int(root.findtext("vcpu", "1"))
+    mem = root.find("memory")
+    mem_kib = int(mem.text or "0") if mem is not None else 0
+    unit = (mem.get("unit", "KiB") if mem is not None else "KiB").lower()
+    factor = {"kib": 1, "k": 1, "mib": 1024, "m": 1024, "gib": 1 << 20, "g": 1 << 20, "b": 0}
+    memory_mib = (mem_kib * factor.get(unit, 1)) // 1024 if unit != "b" else mem_kib >> 20
+    os_el = root.find("os")
+    firmware = Firmware.BIOS
+    extra: dict[str, str] = {}
+    if os_el is not None:
+        if os_el.get("firmware") == "efi" or os_el.find("loader") is not None:
+            firmware = Firmware.UEFI
+        for key in ("kernel", "initrd", "cmdline"):
+            text = os_el.findtext(key)
+            if text:
+                extra[key] = text
+        type_el = os_el.find("type")
+        if type_el is not None and type_el.get("machine"):
+            extra["machine"] = str(type_el.get("machine"))
+    disks: list[DiskSpec] = []
+    nics: list[NicSpec] = []
+    devices = root.find("devices")
+    for disk in devices.findall("disk") if devices is not None else []:
+        if disk.get("device", "disk") != "disk":
+            continue
+        target = disk.find("target")
+        if target is None or target.get("dev") is None:
+            continue
+        dev = str(target.get("dev"))
+        driver = disk.find("driver")
+        fmt = driver.get("type", "raw") if driver is not None else "raw"
+        disks.append(
+            DiskSpec(
+                name=dev,
+                size=sizes.get(dev, 0),
+                format=fmt,
+                change_tracking=fmt == "qcow2",
+                boot=not disks,
+            )
+        )
+    for i, iface in enumerate(devices.findall("interface") if devices is not None else []):
+        mac_el = iface.find("mac")
+        src = iface.find("source")
+        model = iface.find("model")
+        network = ""
+        if src is not None:
+            network = src.get("network") or src.get("bridge") or src.get("dev") or ""
+        nics.append(
+            NicSpec(
+                name=f"nic{i}",
+                mac=mac_el.get("address", "") if mac_el is not None else "",
+                network=network,
+                model=model.get("type", "virtio") if model is not None else "virtio",
+            )
+        )
+    return VMSpec(
+        id=uuid,
+        name=name,
+        cpus=vcpu,
+        memory_mib=memory_mib,
+        firmware=firmware,
+        disks=tuple(disks),
+        nics=tuple(nics),
+        guest_os="linux" if "kernel" in extra else "unknown",
+        power_state=state,
+        extra=extra,
+    )
+
+
+def disk_sources(xml: str) -> dict[str, dict[str, Any]]:
+    """dev -> {'file': path, 'index': n} for a running domain's disks."""
+    out: dict[str, dict[str, Any]] = {}
+    root = ET.fromstring(xml)
+    for disk in root.iter("disk"):
+        target = disk.find("target")
+        src = disk.find("source")
+        if target is None or src is None:
+            continue
+        out[str(target.get("dev"))] = {
+            "file": src.get("file") or src.get("dev"),
+            "index": src.get("index"),
+        }
+    return out

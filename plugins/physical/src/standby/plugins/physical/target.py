@@ -1,0 +1,488 @@
+"""libvirt as a DR site: qcow2 replica chains, written over NBD through a paused appliance.
+
+Each cycle writes into a new qcow2 overlay on top of the previous point. A paused,
+disk-only QEMU domain (the "replica appliance") opens the overlays and exports them as
+writable NBD through QMP, so data reaches the target host only through libvirt and NBD. When
+the cycle commits, the appliance is destroyed and the overlay is never written again: it is
+the recovery point. Pruning merges a dropped point's successor into it (cost: one cycle's
+changes). Failover starts a domain whose disks are new overlays on the chosen point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any, ClassVar
+
+from standby.core.config import Site
+from standby.core.errors import (
+    CapabilityNotSupported,
+    ConfigError,
+    PluginError,
+    TransientError,
+)
+from standby.core.interfaces import ReplicaWriter, Target, TargetCapabilities
+from standby.core.model import (
+    Extent,
+    FailoverResult,
+    Firmware,
+    PointInfo,
+    ProtectionInfo,
+    Validation,
+    VMSpec,
+)
+from standby.plugins.physical import conn as lv
+from standby.plugins.physical.domxml import bus_for, disk_sources
+from standby.plugins.physical.nbdio import NbdPool, nbd_module
+
+QCOW2_MAX = 64 << 40  # 64 TiB: what this target accepts per disk
+TEST_NETWORK = "standby-test"
+
+
+def _qemu_img(*args: str) -> None:
+    proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        line = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]
+        raise PluginError(f"qemu-img {args[0]}: {line[0]}")
+
+
+def _virtual_size(path: Path) -> int:
+    out = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", str(path)], capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise PluginError(f"qemu-img info {path}: {out.stderr.strip()}")
+    return int(json.loads(out.stdout)["virtual-size"])
+
+
+class PhysicalWriter(ReplicaWriter):
+    """Writes one cycle's overlays through the appliance's NBD exports."""
+
+    def __init__(self, target: PhysicalTarget, pinfo: ProtectionInfo, cycle_id: int,
+                 files: dict[str, Path], dom: Any, pool: NbdPool) -> None:
+        self.target = target
+        self.pinfo = pinfo
+        self.cycle_id = cycle_id
+        self.files = files
+        self.dom = dom
+        self.pool = pool
+        self.committed = False
+        self._lock = threading.Lock()
+
+    def _h(self, disk: str) -> Any:
+        return self.pool.handle(disk)
+
+    def write(self, disk: str, offset: int, data: bytes) -> None:
+        nbd = nbd_module()
+        try:
+            self._h(disk).pwrite(data, offset)
+        except nbd.Error as exc:
+            raise TransientError(f"replica of disk '{disk}': write at {offset} failed: {exc}") \
+                from exc
+
+    def write_zeroes(self, disk: str, extent: Extent) -> None:
+        nbd = nbd_module()
+        try:
+            self._h(disk).zero(extent.length, extent.offset)
+        except nbd.Error as exc:
+            raise TransientError(f"replica of disk '{disk}': zeroing failed: {exc}") from exc
+
+    def read(self, disk: str, extent: Extent) -> bytes:
+        nbd = nbd_module()
+        try:
+            return bytes(self._h(disk).pread(extent.length, extent.offset))
+        except nbd.Error as exc:
+            raise TransientError(f"replica of disk '{disk}': read-back failed: {exc}") from exc
+
+    def flush(self) -> None:
+        self.pool.flush()
+
+    def commit_point(self, point_id: int) -> dict[str, Any]:
+        if not self.committed:
+            self.pool.flush()
+            self.target._stop_appliance(self.pinfo, self.dom, self.pool)
+            self.committed = True
+        return {"files": {d: str(p) for d, p in self.files.items()}, "cycle": self.cycle_id}
+
+
+class PhysicalTarget(Target):
+    """A libvirt host (embedded or local daemon) keeping replicas in a directory."""
+
+    plugin_name = "physical"
+    capabilities: ClassVar[TargetCapabilities] = TargetCapabilities(
+        test_failover=True,
+        max_disks=26,
+        max_disk_size=QCOW2_MAX,
+        alignment=512,
+        max_write=32 << 20,
+        max_parallel_writes=4,
+    )
+
+    def __init__(self, site: Site) -> None:
+        super().__init__(site)
+        self.opts = site.options(lv.PhysicalOptions)
+        self.conn: Any = None
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return lv.unavailable_reason() or (
+            None if shutil.which("qemu-img") else "qemu-img is not installed (qemu-utils)"
+        )
+
+    def connect(self) -> None:
+        if self.opts.pool_dir is None:
+            raise ConfigError(f"{self.site.path}: missing key 'pool_dir' (needed for a target)")
+        if not self.opts.is_local():
+            raise CapabilityNotSupported(
+                f"site '{self.site.name}': remote libvirt targets are not supported yet; "
+                "run standby on the DR host (qemu:///system or qemu:///embed)"
+            )
+        if self.conn is None:
+            lv.quiet_libvirt()
+            self.conn = lv.open_connection(self.site, self.opts)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:  # closing a dead connection is fine
+                pass
+            self.conn = None
+
+    def check(self) -> list[str]:
+        self.connect()
+        pool = self.pool_root()
+        pool.mkdir(parents=True, exist_ok=True)
+        st = os.statvfs(pool)
+        return [
+            f"libvirt {self.conn.getLibVersion()} at {self.conn.getURI()}",
+            f"replica directory {pool}: {st.f_bavail * st.f_frsize >> 30} GiB free",
+        ]
+
+    # ------------------------------------------------------------ layout
+
+    def pool_root(self) -> Path:
+        assert self.opts.pool_dir is not None
+        return Path(self.opts.pool_dir)
+
+    def vm_dir(self, pinfo: ProtectionInfo) -> Path:
+        return self.pool_root() / f"{pinfo.id}-{pinfo.vm.name}"
+
+    def cycle_file(self, pinfo: ProtectionInfo, disk: str, cycle_id: int) -> Path:
+        return self.vm_dir(pinfo) / f"{disk}.c{cycle_id:06d}.qcow2"
+
+    def appliance_name(self, pinfo: ProtectionInfo) -> str:
+        return f"standby-replica-{pinfo.id}"
+
+    def test_name(self, pinfo: ProtectionInfo) -> str:
+        return f"{pinfo.vm.name}-test"
+
+    # ------------------------------------------------------------ protect
+
+    def validate(self, vm: VMSpec) -> Validation:
+        problems: list[str] = []
+        notes: list[str] = []
+        if len(vm.disks) > self.capabilities.max_disks:
+            problems.append(f"{len(vm.disks)} disks; this target takes at most "
+                            f"{self.capabilities.max_disks}")
+        for disk in vm.disks:
+            if disk.size > self.capabilities.max_disk_size:
+                problems.append(f"disk {disk.name} is {disk.size >> 30} GiB; the limit is "
+                                f"{self.capabilities.max_disk_size >> 30} GiB")
+        pool = self.pool_root()
+        probe = pool if pool.exists() else next(
+            (p for p in pool.parents if p.exists()), Path("/")
+        )
+        st = os.statvfs(probe)
+        free = st.f_bavail * st.f_frsize
+        need = sum(d.size for d in vm.disks)
+        if need > free:
+            problems.append(
+                f"disks need up to {need / (1 << 30):.1f} GiB but the target pool {pool} has "
+                f"{free / (1 << 30):.1f} GiB free"
+            )
+        if vm.firmware is Firmware.UEFI and not Path("/usr/share/OVMF").exists():
+            notes.append("UEFI VM: install ovmf on the DR host before failover")
+        return Validation(problems=problems, size=f"{vm.cpus}vcpu-{vm.memory_mib}MiB", notes=notes)
+
+    def prepare(self, protection: ProtectionInfo) -> None:
+        self.vm_dir(protection).mkdir(parents=True, exist_ok=True)
+        self.opts.work_path().mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------ appliance
+
+    def _destroy(self, name: str) -> None:
+        libvirt = lv.libvirt_module()
+        try:
+            dom = self.conn.lookupByName(name)
+        except libvirt.libvirtError:
+            return
+        try:
+            if dom.isActive():
+                dom.destroy()
+        except libvirt.libvirtError:
+            pass
+        with suppress(libvirt.libvirtError):
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+
+    def _qmp(self, dom: Any, command: str, **arguments: Any) -> Any:
+        import libvirt_qemu
+
+        msg = json.dumps({"execute": command, "arguments": arguments})
+        with lv.libvirt_errors(f"replica appliance: {command}"):
+            reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, msg, 0))
+        if "error" in reply:
+            raise PluginError(f"replica appliance: {command}: {reply['error'].get('desc')}")
+        return reply.get("return")
+
+    def _start_appliance(self, pinfo: ProtectionInfo, files: dict[str, Path]) -> tuple[Any, NbdPool]:
+        libvirt = lv.libvirt_module()
+        name = self.appliance_name(pinfo)
+        self._destroy(name)
+        disks = "".join(
+            f"<disk type='file' device='disk'><driver name='qemu' type='qcow2' discard='unmap'/>"
+            f"<source file='{path}'/><target dev='vd{chr(97 + i)}' "
+            f"bus='virtio'/></disk>"
+            for i, path in enumerate(files.values())
+        )
+        xml = (
+            f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>32</memory>"
+            "<vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os>"
+            f"<devices>{disks}<memballoon model='none'/></devices></domain>"
+        )
+        with lv.libvirt_errors(f"target '{self.site.name}': replica appliance"):
+            dom = self.conn.createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
+            sources = disk_sources(dom.XMLDesc(0))
+        sock = self.opts.work_path() / f"replica-{pinfo.id}.sock"
+        sock.unlink(missing_ok=True)
+        self._qmp(dom, "nbd-server-start",
+                  addr={"type": "unix", "data": {"path": str(sock)}})
+        for i, disk in enumerate(files):
+            dev = f"vd{chr(97 + i)}"
+            node = f"libvirt-{sources[dev]['index']}-format"
+            self._qmp(dom, "block-export-add", type="nbd", id=f"export-{disk}",
+                      **{"node-name": node}, name=disk, writable=True)
+        return dom, NbdPool(sock, writable=True)
+
+    def _stop_appliance(self, pinfo: ProtectionInfo, dom: Any, pool: NbdPool) -> None:
+        pool.close()
+        libvirt = lv.libvirt_module()
+        with suppress(PluginError):
+            self._qmp(dom, "nbd-server-stop")
+        with suppress(libvirt.libvirtError):
+            dom.destroy()
+        pool.socket.unlink(missing_ok=True)
+
+    @contextmanager
+    def open_writer(
+        self, protection: ProtectionInfo, cycle_id: int, base: PointInfo | None
+    ) -> Iterator[ReplicaWriter]:
+        self.prepare(protection)
+        files: dict[str, Path] = {}
+        base_files: dict[str, str] = dict(base.ref.get("files", {})) if base else {}
+        for disk in protection.vm.disks:
+            path = self.cycle_file(protection, disk.name, cycle_id)
+            if not path.exists():
+                tmp = path.with_suffix(".tmp")
+                backing = base_files.get(disk.name)
+                args = ["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"]
+                if backing:
+                    args += ["-b", backing, "-F", "qcow2"]
+                _qemu_img(*args, str(tmp), str(disk.size))
+                tmp.rename(path)
+            elif _virtual_size(path) < disk.size:
+                _qemu_img("resize", "-q", "-f", "qcow2", str(path), str(disk.size))
+            files[disk.name] = path
+        dom, pool = self._start_appliance(protection, files)
+        writer = PhysicalWriter(self, protection, cycle_id, files, dom, pool)
+        try:
+            yield writer
+        finally:
+            if not writer.committed:
+                self._stop_appliance(protection, dom, pool)
+
+    def discard_pending(self, protection: ProtectionInfo, cycle_id: int) -> None:
+        self._destroy(self.appliance_name(protection))
+        for disk in protection.vm.disks:
+            self.cycle_file(protection, disk.name, cycle_id).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------ retention
+
+    def prune(
+        self, protection: ProtectionInfo, drop: list[PointInfo], keep: list[PointInfo]
+    ) -> dict[int, dict[str, Any]]:
+        points = sorted([*drop, *keep], key=lambda p: p.id)
+        dropping = {p.id for p in drop}
+        refs: dict[int, dict[str, Any]] = {
+            p.id: {"files": dict(p.ref.get("files", {})), "cycle": p.ref.get("cycle")}
+            for p in points
+        }
+        moved: set[int] = set()
+        disks = {d for p in points for d in refs[p.id]["files"]}
+        for disk in sorted(disks):
+            chain = [p.id for p in points if disk in refs[p.id]["files"]]
+            for pid in [c for c in chain if c in dropping]:
+                idx = chain.index(pid)
+                mine = Path(refs[pid]["files"][disk])
+                if idx + 1 >= len(chain):
+                    raise PluginError(f"cannot prune point {pid}: it is the newest")
+                child_id = chain[idx + 1]
+                child = Path(refs[child_id]["files"][disk])
+                if child == mine:
+                    pass  # merged already in an interrupted prune
+                elif child.exists() and mine.exists():
+                    # Merge the successor's changes down; `mine` then holds the successor.
+                    _qemu_img("commit", "-q", "-f", "qcow2", "-d", str(child))
+                    if idx + 2 < len(chain):
+                        grandchild = Path(refs[chain[idx + 2]]["files"][disk])
+                        _qemu_img("rebase", "-q", "-u", "-f", "qcow2", "-b", str(mine),
+                                  "-F", "qcow2", str(grandchild))
+                    child.unlink()
+                elif not mine.exists():
+                    raise PluginError(f"replica file {mine} of point {pid} is missing")
+                refs[child_id]["files"][disk] = str(mine)
+                moved.add(child_id)
+                chain.remove(pid)
+        return {pid: refs[pid] for pid in moved if pid not in dropping}
+
+    # ------------------------------------------------------------ failover
+
+    def _has_networks(self) -> bool:
+        libvirt = lv.libvirt_module()
+        try:
+            self.conn.listAllNetworks()
+            return True
+        except libvirt.libvirtError:
+            return False
+
+    def _isolated_nics(self, vm: VMSpec, pinfo: ProtectionInfo) -> str:
+        """NICs with no uplink: an isolated libvirt network, or (embedded libvirt, which has
+        no network driver) a UDP link to a loopback port nobody listens on."""
+        if self._has_networks():
+            libvirt = lv.libvirt_module()
+            try:
+                self.conn.networkLookupByName(TEST_NETWORK)
+            except libvirt.libvirtError:
+                with lv.libvirt_errors("isolated test network"):
+                    net = self.conn.networkDefineXML(
+                        f"<network><name>{TEST_NETWORK}</name><bridge name='sbtest0'/></network>"
+                    )
+                    net.create()
+            return "".join(
+                f"<interface type='network'><mac address='{n.mac}'/>"
+                f"<source network='{TEST_NETWORK}'/><model type='{n.model}'/></interface>"
+                for n in vm.nics
+            )
+        base = 40000 + (pinfo.id * 16) % 20000
+        return "".join(
+            f"<interface type='udp'><mac address='{n.mac}'/><source address='127.0.0.1' "
+            f"port='{base + 2 * i}'><local address='127.0.0.1' port='{base + 2 * i + 1}'/>"
+            f"</source><model type='{n.model}'/></interface>"
+            for i, n in enumerate(vm.nics)
+        )
+
+    def _mapped_nics(self, vm: VMSpec, network: str | None) -> str:
+        out = []
+        for n in vm.nics:
+            net = network or self.opts.networks.get(n.network) or n.network
+            out.append(
+                f"<interface type='network'><mac address='{n.mac}'/><source network='{net}'/>"
+                f"<model type='{n.model}'/></interface>"
+            )
+        return "".join(out)
+
+    def failover(
+        self,
+        protection: ProtectionInfo,
+        point: PointInfo,
+        *,
+        test: bool,
+        network: str | None = None,
+        size: str | None = None,
+    ) -> FailoverResult:
+        if not test:
+            raise CapabilityNotSupported("physical target: only test failover in this release")
+        vm = protection.vm
+        name = self.test_name(protection)
+        libvirt = lv.libvirt_module()
+        try:
+            self.conn.lookupByName(name)
+            raise ConfigError(f"a domain named '{name}' already exists at '{self.site.name}'")
+        except libvirt.libvirtError:
+            pass
+        fdir = self.vm_dir(protection) / "test-failover"
+        fdir.mkdir(parents=True, exist_ok=True)
+        files = dict(point.ref.get("files", {}))
+        disks_xml = []
+        for disk in vm.disks:
+            if disk.name not in files:
+                raise PluginError(f"point {point.id} has no replica of disk {disk.name}")
+            overlay = fdir / f"{disk.name}.qcow2"
+            overlay.unlink(missing_ok=True)
+            _qemu_img("create", "-q", "-f", "qcow2", "-b", files[disk.name], "-F", "qcow2",
+                      str(overlay), str(point.disks.get(disk.name, disk.size)))
+            disks_xml.append(
+                f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+                f"<source file='{overlay}'/><target dev='{disk.name}' bus='{bus_for(disk.name)}'/>"
+                "</disk>"
+            )
+        nics = self._isolated_nics(vm, protection) if test else self._mapped_nics(vm, network)
+        console = self.opts.work_path() / f"console-{protection.id}.sock"
+        console.unlink(missing_ok=True)
+        os_xml = self._os_xml(vm)
+        xml = (
+            f"<domain type='{self.opts.domain_type}'><name>{name}</name>"
+            f"<memory unit='MiB'>{vm.memory_mib}</memory><vcpu>{vm.cpus}</vcpu>{os_xml}"
+            "<on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash>"
+            f"<devices>{''.join(disks_xml)}{nics}"
+            f"<serial type='unix'><source mode='bind' path='{console}'/></serial>"
+            "<console type='unix'><target type='serial'/></console>"
+            "<memballoon model='none'/></devices></domain>"
+        )
+        with lv.libvirt_errors(f"test failover of {vm.name}"):
+            dom = self.conn.defineXML(xml)
+            dom.create()
+        return FailoverResult(
+            ref={"domain": name, "dir": str(fdir), "console": str(console)},
+            vm_name=name,
+            summary=f"{name} running at '{self.site.name}' from point {point.id} "
+                    f"(isolated network, source untouched)",
+        )
+
+    def _os_xml(self, vm: VMSpec) -> str:
+        machine = vm.extra.get("machine", "pc")
+        fw = " firmware='efi'" if vm.firmware is Firmware.UEFI else ""
+        boot = ""
+        kernel = vm.extra.get("kernel")
+        if kernel and Path(kernel).exists():
+            boot = f"<kernel>{kernel}</kernel>"
+            if vm.extra.get("initrd"):
+                boot += f"<initrd>{vm.extra['initrd']}</initrd>"
+            if vm.extra.get("cmdline"):
+                boot += f"<cmdline>{vm.extra['cmdline']}</cmdline>"
+        else:
+            boot = "<boot dev='hd'/>"
+        return f"<os{fw}><type arch='x86_64' machine='{machine}'>hvm</type>{boot}</os>"
+
+    def cleanup_test(self, protection: ProtectionInfo, ref: Mapping[str, Any]) -> None:
+        self._destroy(str(ref.get("domain") or self.test_name(protection)))
+        fdir = Path(ref.get("dir") or self.vm_dir(protection) / "test-failover")
+        shutil.rmtree(fdir, ignore_errors=True)
+        console = self.opts.work_path() / f"console-{protection.id}.sock"
+        console.unlink(missing_ok=True)
+
+    def domain_names(self) -> list[str]:
+        with lv.libvirt_errors(f"site '{self.site.name}'"):
+            return sorted(d.name() for d in self.conn.listAllDomains())
+
+    def remove(self, protection: ProtectionInfo, points: list[PointInfo]) -> None:
+        self._destroy(self.appliance_name(protection))
+        self.cleanup_test(protection, {})
+        shutil.rmtree(self.vm_dir(protection), ignore_errors=True)
+
