@@ -393,13 +393,15 @@ class Engine:
         since: dict[str, str | None] = {}
         for disk in vm.disks:
             tok = tokens.get(disk.name)
-            if resumed and prior_tokens.get(disk.name):
-                prior = prior_tokens[disk.name]
-                assert prior is not None
+            prior = prior_tokens.get(disk.name)
+            if resumed and prior and disk.name in progress_state:
+                # Changes since the interrupted snapshot, plus what it had not finished.
                 if source.token_valid(vm, prior):
                     tok = prior
                 else:
                     progress_state.pop(disk.name, None)
+            else:
+                progress_state.pop(disk.name, None)
             since[disk.name] = tok if disk.change_tracking else None
 
         consistency = Consistency.APP if want_app else Consistency.CRASH

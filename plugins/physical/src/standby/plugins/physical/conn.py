@@ -152,12 +152,15 @@ def prepare_embed_root(root: Path) -> None:
 def open_connection(site: Site, opts: PhysicalOptions) -> Any:
     """Open the site's libvirt connection (authenticating with the secret reference if any)."""
     libvirt = libvirt_module()
-    _start_event_loop()
     root = opts.embed_root()
-    if root is not None:
-        prepare_embed_root(root)
     what = f"site '{site.name}' ({opts.uri})"
     try:
+        if root is not None:
+            prepare_embed_root(root)
+            from standby.plugins.physical.agent import open_embedded
+
+            return open_embedded(opts.uri)
+        _start_event_loop()
         if opts.password is None and opts.username is None:
             return libvirt.open(opts.uri)
         password = resolve_secret(opts.password) if opts.password else ""
@@ -181,6 +184,17 @@ def open_connection(site: Site, opts: PhysicalOptions) -> Any:
         if type(err) is PluginError:
             err = TransientError(str(err))
         raise err from exc
+
+
+def qemu_monitor(dom: Any, command: str, flags: int = 0) -> str:
+    """libvirt_qemu.qemuMonitorCommand, also for domains living in an embedded-root agent."""
+    from standby.plugins.physical.agent import Proxy
+
+    if isinstance(dom, Proxy):
+        return dom.qemu_monitor(command, flags)
+    import libvirt_qemu
+
+    return str(libvirt_qemu.qemuMonitorCommand(dom, command, flags))
 
 
 def quiet_libvirt() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -76,11 +77,8 @@ class NbdPool:
         with self._lock:
             handles, self._all = self._all, []
         for h in handles:
-            try:
+            with contextlib.suppress(Exception):  # closing is best effort
                 h.shutdown()
-            except Exception:  # closing is best effort
-                pass
-            h.close()
 
 
 def extents(h: Any, context: str, want: int, match: int) -> Iterator[tuple[int, int]]:

@@ -38,7 +38,7 @@ from standby.core.model import (
     VMSpec,
 )
 from standby.plugins.physical import conn as lv
-from standby.plugins.physical.domxml import bus_for, disk_sources
+from standby.plugins.physical.domxml import bus_for
 from standby.plugins.physical.nbdio import NbdPool, nbd_module
 
 QCOW2_MAX = 64 << 40  # 64 TiB: what this target accepts per disk
@@ -232,11 +232,9 @@ class PhysicalTarget(Target):
             dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
 
     def _qmp(self, dom: Any, command: str, **arguments: Any) -> Any:
-        import libvirt_qemu
-
         msg = json.dumps({"execute": command, "arguments": arguments})
         with lv.libvirt_errors(f"replica appliance: {command}"):
-            reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, msg, 0))
+            reply = json.loads(lv.qemu_monitor(dom, msg, 0))
         if "error" in reply:
             raise PluginError(f"replica appliance: {command}: {reply['error'].get('desc')}")
         return reply.get("return")
@@ -245,29 +243,29 @@ class PhysicalTarget(Target):
         libvirt = lv.libvirt_module()
         name = self.appliance_name(pinfo)
         self._destroy(name)
-        disks = "".join(
-            f"<disk type='file' device='disk'><driver name='qemu' type='qcow2' discard='unmap'/>"
-            f"<source file='{path}'/><target dev='vd{chr(97 + i)}' "
-            f"bus='virtio'/></disk>"
-            for i, path in enumerate(files.values())
-        )
         xml = (
             f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>32</memory>"
             "<vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os>"
-            f"<devices>{disks}<memballoon model='none'/></devices></domain>"
+            "<devices><memballoon model='none'/></devices></domain>"
         )
         with lv.libvirt_errors(f"target '{self.site.name}': replica appliance"):
             dom = self.conn.createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
-            sources = disk_sources(dom.XMLDesc(0))
         sock = self.opts.work_path() / f"replica-{pinfo.id}.sock"
         sock.unlink(missing_ok=True)
-        self._qmp(dom, "nbd-server-start",
-                  addr={"type": "unix", "data": {"path": str(sock)}})
-        for i, disk in enumerate(files):
-            dev = f"vd{chr(97 + i)}"
-            node = f"libvirt-{sources[dev]['index']}-format"
-            self._qmp(dom, "block-export-add", type="nbd", id=f"export-{disk}",
-                      **{"node-name": node}, name=disk, writable=True)
+        try:
+            self._qmp(dom, "nbd-server-start",
+                      addr={"type": "unix", "data": {"path": str(sock)}})
+            for disk, path in files.items():
+                node = f"replica-{disk}"
+                # Opened by QEMU itself (no guest device), backing chain from the qcow2 header.
+                self._qmp(dom, "blockdev-add", driver="qcow2", **{"node-name": node},
+                          discard="unmap", file={"driver": "file", "filename": str(path)})
+                self._qmp(dom, "block-export-add", type="nbd", id=f"export-{disk}",
+                          **{"node-name": node}, name=disk, writable=True)
+        except BaseException:
+            with suppress(libvirt.libvirtError):
+                dom.destroy()
+            raise
         return dom, NbdPool(sock, writable=True)
 
     def _stop_appliance(self, pinfo: ProtectionInfo, dom: Any, pool: NbdPool) -> None:

@@ -1,0 +1,178 @@
+"""A child process that owns one embedded libvirt root, driven over a pipe.
+
+libvirt allows one `qemu:///embed` root per process, but a DR job needs two at once (the
+source host and the DR host). Each embedded root is therefore opened in its own child process
+and used through thin proxies that forward method calls. The child exits when the parent's end
+of the pipe closes, so a killed standby process never leaves a root locked.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import threading
+from multiprocessing.connection import Connection
+from typing import Any
+
+_Handle = tuple[str, int]
+
+
+def _is_libvirt_object(value: Any) -> bool:
+    return type(value).__module__ == "libvirt" and type(value).__name__.startswith("vir")
+
+
+def _serve(uri: str, pipe: Connection) -> None:
+    """Child side: open the root, then answer calls until the pipe closes."""
+    import os
+    from urllib.parse import parse_qs, urlparse
+
+    # libvirt's embedded driver logs to stderr; keep that in the root's log directory instead.
+    root = parse_qs(urlparse(uri).query).get("root", ["/tmp"])[0]
+    os.makedirs(os.path.join(root, "log"), exist_ok=True)
+    fd = os.open(os.path.join(root, "log", "standby-agent.log"),
+                 os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 2)
+    os.close(fd)
+    import libvirt
+    import libvirt_qemu
+
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+    libvirt.virEventRegisterDefaultImpl()
+
+    def loop() -> None:
+        while True:
+            libvirt.virEventRunDefaultImpl()
+
+    threading.Thread(target=loop, daemon=True).start()
+    objects: dict[int, Any] = {}
+    ids = itertools.count(1)
+
+    def wrap(value: Any) -> Any:
+        if _is_libvirt_object(value):
+            i = next(ids)
+            objects[i] = value
+            return ("__obj__", i)
+        if isinstance(value, list):
+            return [wrap(v) for v in value]
+        return value
+
+    def unwrap(value: Any) -> Any:
+        if isinstance(value, tuple) and len(value) == 2 and value[0] == "__obj__":
+            return objects[value[1]]
+        if isinstance(value, list):
+            return [unwrap(v) for v in value]
+        return value
+
+    try:
+        objects[0] = libvirt.open(uri)
+        pipe.send(("ok", None))
+    except libvirt.libvirtError as exc:
+        pipe.send(("err", (exc.get_error_code(), exc.get_error_message() or str(exc))))
+        return
+    while True:
+        try:
+            msg = pipe.recv()
+        except (EOFError, OSError):
+            break
+        op, target, name, args = msg
+        try:
+            if op == "call":
+                result = getattr(objects[target], name)(*unwrap(list(args)))
+            elif op == "qemu":
+                result = libvirt_qemu.qemuMonitorCommand(objects[target], *args)
+            elif op == "drop":
+                objects.pop(target, None)
+                result = None
+            else:
+                raise ValueError(op)
+            pipe.send(("ok", wrap(result)))
+        except libvirt.libvirtError as exc:
+            pipe.send(("err", (exc.get_error_code(), exc.get_error_message() or str(exc))))
+        except Exception as exc:  # reported to the caller, never kills the agent
+            pipe.send(("exc", f"{type(exc).__name__}: {exc}"))
+    try:
+        objects[0].close()
+    except libvirt.libvirtError:
+        pass
+
+
+class Agent:
+    """Parent side: the child process and the lock around its pipe."""
+
+    def __init__(self, uri: str) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.pipe, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(uri, child), daemon=True,
+                                name="standby-libvirt-agent")
+        self.proc.start()
+        child.close()
+        self.lock = threading.Lock()
+        self._check(self.pipe.recv())
+
+    @staticmethod
+    def _check(reply: tuple[str, Any]) -> Any:
+        kind, value = reply
+        if kind == "ok":
+            return value
+        import libvirt
+
+        if kind == "err":
+            exc = libvirt.libvirtError(value[1])
+            exc.err = (value[0], 0, value[1], 2, None, None, None, 0, 0)
+            raise exc
+        raise RuntimeError(value)
+
+    def request(self, op: str, target: int, name: str, args: tuple[Any, ...]) -> Any:
+        with self.lock:
+            if not self.proc.is_alive():
+                import libvirt
+
+                self._check(("err", (libvirt.VIR_ERR_NO_CONNECT, "libvirt agent process exited")))
+            self.pipe.send((op, target, name, args))
+            return self._check(self.pipe.recv())
+
+    def proxy(self, value: Any) -> Any:
+        if isinstance(value, tuple) and len(value) == 2 and value[0] == "__obj__":
+            return Proxy(self, value[1])
+        if isinstance(value, list):
+            return [self.proxy(v) for v in value]
+        return value
+
+    def close(self) -> None:
+        try:
+            self.pipe.close()
+        finally:
+            self.proc.join(timeout=10)
+            if self.proc.is_alive():
+                self.proc.kill()
+
+
+class Proxy:
+    """Stands for a libvirt object living in the agent; method calls are forwarded."""
+
+    def __init__(self, agent: Agent, handle: int) -> None:
+        self._agent = agent
+        self._handle = handle
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+
+        def call(*args: Any) -> Any:
+            plain = [("__obj__", a._handle) if isinstance(a, Proxy) else a for a in args]
+            if self._handle == 0 and name == "close":
+                self._agent.close()
+                return 0
+            return self._agent.proxy(self._agent.request("call", self._handle, name,
+                                                         tuple(plain)))
+
+        return call
+
+    def qemu_monitor(self, command: str, flags: int) -> str:
+        """libvirt_qemu.qemuMonitorCommand on this (domain) object."""
+        return str(self._agent.request("qemu", self._handle, "", (command, flags)))
+
+
+def open_embedded(uri: str) -> Proxy:
+    """A proxy for `libvirt.open(uri)` living in a dedicated child process."""
+    return Proxy(Agent(uri), 0)

@@ -1,0 +1,166 @@
+"""Lab helpers for the demo, tests and benchmarks: throwaway VMs in a libvirt and guest writes.
+
+`python -m standby.plugins.physical.lab --help`. Not used by the plugin itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+from standby.plugins.physical import conn as lv
+
+
+def connect(uri: str) -> Any:
+    """A libvirt connection (embedded roots go through an agent process)."""
+    root = lv.PhysicalOptions(uri=uri).embed_root()
+    if root is not None:
+        lv.prepare_embed_root(root)
+        from standby.plugins.physical.agent import open_embedded
+
+        return open_embedded(uri)
+    lv._start_event_loop()
+    return lv.libvirt_module().open(uri)
+
+
+def create_vm(
+    c: Any,
+    name: str,
+    disk_dir: Path,
+    disks: list[tuple[str, int, str]],
+    *,
+    domain_type: str = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "qemu",
+    memory_mib: int = 64,
+    start: bool = True,
+) -> str:
+    """Define (and start) a firmware-only VM with the given (dev, size, format) disks."""
+    disk_dir.mkdir(parents=True, exist_ok=True)
+    xml_disks = []
+    for dev, size, fmt in disks:
+        path = disk_dir / f"{name}-{dev}.{fmt}"
+        if not path.exists():
+            subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(path), str(size)],
+                           check=True)
+        xml_disks.append(
+            f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}'/>"
+            f"<source file='{path}'/><target dev='{dev}' bus='virtio'/></disk>"
+        )
+    xml = (
+        f"<domain type='{domain_type}'><name>{name}</name><memory unit='MiB'>{memory_mib}</memory>"
+        "<vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>"
+        f"<devices>{''.join(xml_disks)}"
+        "<interface type='user'><mac address='52:54:00:5b:00:01'/><model type='virtio'/>"
+        "</interface><memballoon model='none'/></devices></domain>"
+    )
+    dom = c.defineXML(xml)
+    if start:
+        dom.create()
+    return str(dom.UUIDString())
+
+
+def qdev_path(dom: Any, dev: str) -> str:
+    """The QEMU device path qemu-io needs for a disk (by its libvirt alias)."""
+    root = ET.fromstring(dom.XMLDesc(0))
+    for disk in root.iter("disk"):
+        target = disk.find("target")
+        alias = disk.find("alias")
+        if target is not None and target.get("dev") == dev and alias is not None:
+            name = alias.get("name")
+            bus = target.get("bus")
+            if bus == "virtio":
+                return f"/machine/peripheral/{name}/virtio-backend"
+            return str(name)
+    raise KeyError(dev)
+
+
+def guest_write(c: Any, name: str, dev: str, offset: int, length: int, pattern: int) -> None:
+    """Write into a running VM's disk as its guest would (QEMU's qemu-io, no guest OS)."""
+    dom = c.lookupByName(name)
+    cmd = f'qemu-io -d {qdev_path(dom, dev)} "write -P {pattern:#x} {offset} {length}"'
+    out = lv.qemu_monitor(dom, cmd, 1)  # 1 = VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+    if out.strip():
+        raise RuntimeError(f"qemu-io: {out.strip()}")
+
+
+def guest_discard(c: Any, name: str, dev: str, offset: int, length: int) -> None:
+    """Zero a range of a running VM's disk."""
+    dom = c.lookupByName(name)
+    cmd = f'qemu-io -d {qdev_path(dom, dev)} "write -z {offset} {length}"'
+    out = lv.qemu_monitor(dom, cmd, 1)
+    if out.strip():
+        raise RuntimeError(f"qemu-io: {out.strip()}")
+
+
+def destroy_vm(c: Any, name: str) -> None:
+    libvirt = lv.libvirt_module()
+    try:
+        dom = c.lookupByName(name)
+    except libvirt.libvirtError:
+        return
+    if dom.isActive():
+        dom.destroy()
+    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+
+
+def image_digest(path: Path, fmt: str = "qcow2", size: int | None = None) -> str:
+    """SHA-256 of a disk image's guest-visible bytes (via qemu-img convert to raw)."""
+    proc = subprocess.Popen(
+        ["qemu-img", "dd", "-U", "-f", fmt, "-O", "raw", f"if={path}", "of=/dev/stdout", "bs=4M"],
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    h = hashlib.sha256()
+    seen = 0
+    while chunk := proc.stdout.read(4 << 20):
+        h.update(chunk)
+        seen += len(chunk)
+    proc.wait()
+    if size is not None and seen < size:
+        h.update(bytes(size - seen))
+    return h.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m standby.plugins.physical.lab")
+    p.add_argument("--uri", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("create")
+    c.add_argument("name")
+    c.add_argument("--dir", type=Path, required=True)
+    c.add_argument("--disk", action="append", default=[], help="dev:size_mib[:format]")
+    w = sub.add_parser("write")
+    w.add_argument("name")
+    w.add_argument("dev")
+    w.add_argument("offset", type=int)
+    w.add_argument("length", type=int)
+    w.add_argument("--pattern", type=lambda x: int(x, 0), default=0xAB)
+    d = sub.add_parser("destroy")
+    d.add_argument("names", nargs="+")
+    args = p.parse_args(argv)
+    conn = connect(args.uri)
+    try:
+        if args.cmd == "create":
+            disks = []
+            for spec in args.disk or ["vda:256"]:
+                parts = spec.split(":")
+                disks.append((parts[0], int(parts[1]) << 20, parts[2] if len(parts) > 2 else
+                              "qcow2"))
+            print(create_vm(conn, args.name, args.dir, disks))
+        elif args.cmd == "write":
+            guest_write(conn, args.name, args.dev, args.offset, args.length, args.pattern)
+        else:
+            for n in args.names:
+                destroy_vm(conn, n)
+    finally:
+        conn.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
