@@ -8,6 +8,7 @@ Exit codes: 0 ok; 1 other standby error; 2 bad configuration or input; 3 not fou
 from __future__ import annotations
 
 import json
+from datetime import UTC
 import sys
 import time
 import tomllib
@@ -364,7 +365,7 @@ def status(as_json: JsonOpt = False) -> None:
         rpo = f"{r['rpo_seconds']:.0f}s" if r["rpo_seconds"] is not None else "-"
         health = r["health"] if r["health"] == "ok" else f"[yellow]{r['health']}[/]: {r['reason']}"
         table.add_row(r["vm"], f"{r['source']} -> {r['target']}", str(r["points"]),
-                      str(r["latest_point_time"] or "-"), rpo, f"{r['rpo_target_seconds']}s",
+                      str(r["latest_point_time"] or "-")[:19], rpo, f"{r['rpo_target_seconds']}s",
                       health)
     out.print(table)
 
@@ -377,7 +378,7 @@ def points(vm: str, as_json: JsonOpt = False) -> None:
         rows = [
             {
                 "id": p.id,
-                "time": p.created_at.isoformat(),
+                "time": p.created_at.replace(tzinfo=UTC).isoformat(timespec="seconds"),
                 "consistency": p.consistency,
                 "disks": {d.disk: {"size": d.size, "manifest": d.digest} for d in p.disks},
                 "notes": p.notes,

@@ -1023,7 +1023,7 @@ def status_rows(state: State) -> list[dict[str, Any]]:
                     "state": prot.state,
                     "points": len(visible),
                     "latest_point": latest.id if latest else None,
-                    "latest_point_time": latest.created_at.isoformat() if latest else None,
+                    "latest_point_time": _aware(latest.created_at).isoformat() if latest else None,
                     "rpo_seconds": round(rpo, 1) if rpo is not None else None,
                     "rpo_target_seconds": policy.rpo_seconds,
                     "health": health,

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import subprocess
 import sys
@@ -108,27 +107,45 @@ def destroy_vm(c: Any, name: str) -> None:
     dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
 
 
-def image_digest(path: Path, fmt: str = "qcow2", size: int | None = None) -> str:
-    """SHA-256 of a disk image's guest-visible bytes (via qemu-img convert to raw)."""
-    proc = subprocess.Popen(
-        ["qemu-img", "dd", "-U", "-f", fmt, "-O", "raw", f"if={path}", "of=/dev/stdout", "bs=4M"],
-        stdout=subprocess.PIPE,
+def images_equal(a: Path, b: Path, fmt_a: str = "qcow2", fmt_b: str = "qcow2") -> bool:
+    """Whether two images hold the same guest-visible bytes (`qemu-img compare`, works on
+    images in use). Differing sizes compare equal only if the tail of the larger is zero."""
+    proc = subprocess.run(
+        ["qemu-img", "compare", "-U", "-f", fmt_a, "-F", fmt_b, str(a), str(b)],
+        capture_output=True, text=True,
     )
-    assert proc.stdout is not None
-    h = hashlib.sha256()
-    seen = 0
-    while chunk := proc.stdout.read(4 << 20):
-        h.update(chunk)
-        seen += len(chunk)
-    proc.wait()
-    if size is not None and seen < size:
-        h.update(bytes(size - seen))
-    return h.hexdigest()
+    if proc.returncode > 1:
+        raise RuntimeError(f"qemu-img compare: {proc.stderr.strip()}")
+    return proc.returncode == 0
+
+
+def has_pattern(path: Path, offset: int, length: int, pattern: int, fmt: str = "qcow2") -> bool:
+    """Whether an image range is filled with one byte value (`qemu-io read -P`)."""
+    proc = subprocess.run(
+        ["qemu-io", "-U", "-r", "-f", fmt, "-c", f"read -P {pattern:#x} {offset} {length}",
+         str(path)],
+        capture_output=True, text=True,
+    )
+    return proc.returncode == 0 and "verification failed" not in proc.stdout + proc.stderr
+
+
+def read_range(path: Path, offset: int, length: int, fmt: str = "qcow2") -> bytes:
+    """Guest-visible bytes of an image range (qemu-io, works on images in use)."""
+    proc = subprocess.run(
+        ["qemu-io", "-U", "-r", "-f", fmt, "-c", f"read -v {offset} {length}", str(path)],
+        capture_output=True, text=True, check=True,
+    )
+    out = bytearray()
+    for line in proc.stdout.splitlines():
+        if ":" in line and line[:8].strip().isalnum() and len(line) > 10:
+            hexpart = line.split(":", 1)[1][:49]
+            out.extend(bytes.fromhex(hexpart.replace(" ", "")))
+    return bytes(out[:length])
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m standby.plugins.physical.lab")
-    p.add_argument("--uri", required=True)
+    p.add_argument("--uri", help="libvirt URI (needed by create/write/destroy/list)")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("create")
     c.add_argument("name")
@@ -142,7 +159,28 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--pattern", type=lambda x: int(x, 0), default=0xAB)
     d = sub.add_parser("destroy")
     d.add_argument("names", nargs="+")
+    sub.add_parser("list")
+    v = sub.add_parser("verify", help="check OFFSET:LENGTH:PATTERN ranges of an image")
+    v.add_argument("image", type=Path)
+    v.add_argument("expect", nargs="+")
+    cmp = sub.add_parser("compare", help="guest-visible contents of two images are equal")
+    cmp.add_argument("a", type=Path)
+    cmp.add_argument("b", type=Path)
     args = p.parse_args(argv)
+    if args.cmd == "verify":
+        for spec in args.expect:
+            off, length, pattern = (int(x, 0) for x in spec.split(":"))
+            if not has_pattern(args.image, off, length, pattern):
+                print(f"MISMATCH {args.image} at {off}+{length} (expected {pattern:#x})")
+                return 1
+            print(f"ok {args.image.name} {off}+{length} = {pattern:#x}")
+        return 0
+    if args.cmd == "compare":
+        same = images_equal(args.a, args.b)
+        print("same" if same else "DIFFERENT")
+        return 0 if same else 1
+    if not args.uri:
+        p.error("--uri is required for this command")
     conn = connect(args.uri)
     try:
         if args.cmd == "create":
@@ -154,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
             print(create_vm(conn, args.name, args.dir, disks))
         elif args.cmd == "write":
             guest_write(conn, args.name, args.dev, args.offset, args.length, args.pattern)
+        elif args.cmd == "list":
+            for dom in conn.listAllDomains():
+                print(dom.name(), "running" if dom.isActive() else "shut off")
         else:
             for n in args.names:
                 destroy_vm(conn, n)

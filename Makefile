@@ -1,0 +1,30 @@
+# standby: `make demo` runs the main job on embedded defaults; `make test` runs the whole suite.
+# Both install what they need (Debian packages, uv, the workspace) and are safe to re-run.
+SHELL := /bin/bash
+export UV_PYTHON_DOWNLOADS := never
+export PATH := $(HOME)/.local/bin:$(PATH)
+
+APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system \
+	libvirt-daemon-system-sysv qemu-system-x86 qemu-utils libvirt-clients pkg-config \
+	libvirt-dev python3-libnbd libnbd-bin python3-dev gcc make cpio rsync restic
+
+.PHONY: setup demo test lint bench clean
+
+setup:
+	@bash scripts/setup.sh $(APT_PACKAGES)
+
+demo: setup
+	@bash scripts/demo.sh
+
+lint: setup
+	uv run ruff check .
+	uv run mypy
+
+test: setup lint
+	uv run pytest -q
+
+bench: setup
+	uv run python benchmarks/bench_physical.py
+
+clean:
+	rm -rf .venv demo-work .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Idempotent set-up: Debian packages (only when missing), uv, the uv workspace, libnbd binding.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export UV_PYTHON_DOWNLOADS=never DEBIAN_FRONTEND=noninteractive
+
+missing=()
+for pkg in "$@"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v uv >/dev/null 2>&1; then
+  echo "setup: installing uv"
+  if ! command -v pip3 >/dev/null 2>&1 && ! python3 -m pip --version >/dev/null 2>&1; then
+    apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+  fi
+  python3 -m pip install -q uv 2>/dev/null || python3 -m pip install -q --break-system-packages uv
+fi
+
+uv sync -q --all-packages
+
+# libnbd has no PyPI package: link Debian's binding into the virtualenv.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+for f in nbd.py libnbdmod.cpython-311-x86_64-linux-gnu.so; do
+  [ -e "$site/$f" ] || ln -sf "/usr/lib/python3/dist-packages/$f" "$site/$f"
+done
+.venv/bin/python -c 'import libvirt, nbd' || { echo "setup: libvirt/nbd bindings unusable"; exit 1; }
