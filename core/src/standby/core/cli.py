@@ -272,6 +272,9 @@ def protect(
     app_consistent_every: Annotated[
         str | None, typer.Option(help="Take an app-consistent point this often.")
     ] = None,
+    bandwidth_mbps: Annotated[
+        float | None, typer.Option(help="Bandwidth limit for replication, megabits/s.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Protect a VM: validate it against the target and record the protection."""
@@ -287,6 +290,8 @@ def protect(
         overrides["app_consistent_every_seconds"] = config.parse_duration(
             app_consistent_every, "--app-consistent-every"
         )
+    if bandwidth_mbps is not None:
+        overrides["bandwidth_mbps"] = bandwidth_mbps
     pol = base.model_copy(update=overrides).checked("policy")
     with opened(home()) as engine:
         pid = engine.protect(vm, source, target, pol)

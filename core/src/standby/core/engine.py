@@ -216,6 +216,11 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def use(self, site_name: str, plugin: Source | Target) -> None:
+        """Hand the engine an already-connected plugin for a site (tests, embedding)."""
+        role = "source" if isinstance(plugin, Source) else "target"
+        self._plugins[(site_name, role)] = plugin
+
     def site(self, name: str) -> Site:
         return get_site(name, self.home)
 

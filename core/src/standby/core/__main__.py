@@ -1,0 +1,7 @@
+"""`python -m standby.core` runs the CLI."""
+
+from __future__ import annotations
+
+from standby.core.cli import main
+
+main()
