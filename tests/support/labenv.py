@@ -65,6 +65,9 @@ class Lab:
     def zero(self, vm: str, dev: str, offset: int, length: int) -> None:
         lab.guest_discard(self.src, vm, dev, offset, length)
 
+    def flush(self, vm: str, dev: str) -> None:
+        lab.guest_flush(self.src, vm, dev)
+
     def disk_path(self, vm: str, dev: str, fmt: str = "qcow2") -> Path:
         return self.base / "disks" / f"{vm}-{dev}.{fmt}"
 

@@ -445,8 +445,8 @@ def main() -> None:
     try:
         app()
     except StandbyError as exc:
-        err.print(f"error: {exc}", markup=False, highlight=False)
+        sys.stderr.write(f"error: {' '.join(str(exc).split())}\n")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        err.print("interrupted; the next run resumes where this one stopped")
+        sys.stderr.write("interrupted; the next run resumes where this one stopped\n")
         sys.exit(130)

@@ -338,9 +338,9 @@ class Engine:
             try:
                 vm = source.get_vm(prot.vm_id)
             except NotFound:
-                prot.health = "source-missing"
-                prot.health_reason = f"source VM no longer exists at '{prot.source_site}'"
                 n = sum(1 for p in prot.points if p.state == "visible")
+                self._set_health(prot.id, "source-missing",
+                                 f"source VM no longer exists at '{prot.source_site}'")
                 raise NotFound(
                     f"source VM '{prot.vm_name}' no longer exists at site '{prot.source_site}'; "
                     f"the protection and its {n} recovery point(s) are kept"
@@ -447,6 +447,13 @@ class Engine:
                 return self._finish(
                     cycle_id, pinfo, target, source, writer, snap, started, resumed=resumed
                 )
+
+    def _set_health(self, protection_id: int, health: str, reason: str) -> None:
+        with self.state.session() as s:
+            prot = s.get(Protection, protection_id)
+            assert prot is not None
+            prot.health = health
+            prot.health_reason = reason
 
     def _check_disks(self, prot: Protection, old: VMSpec, vm: VMSpec, target: Target) -> None:
         old_sizes = {d.name: d.size for d in old.disks}

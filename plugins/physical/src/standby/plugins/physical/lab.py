@@ -87,6 +87,14 @@ def guest_write(c: Any, name: str, dev: str, offset: int, length: int, pattern: 
         raise RuntimeError(f"qemu-io: {out.strip()}")
 
 
+def guest_flush(c: Any, name: str, dev: str) -> None:
+    """Flush a running VM's disk so its image file is consistent for outside readers."""
+    dom = c.lookupByName(name)
+    out = lv.qemu_monitor(dom, f'qemu-io -d {qdev_path(dom, dev)} "flush"', 1)
+    if out.strip():
+        raise RuntimeError(f"qemu-io: {out.strip()}")
+
+
 def guest_discard(c: Any, name: str, dev: str, offset: int, length: int) -> None:
     """Zero a range of a running VM's disk."""
     dom = c.lookupByName(name)
@@ -103,7 +111,11 @@ def destroy_vm(c: Any, name: str) -> None:
     except libvirt.libvirtError:
         return
     if dom.isActive():
-        dom.destroy()
+        try:
+            dom.destroy()
+        except libvirt.libvirtError:
+            if dom.isActive():
+                raise
     dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
 
 

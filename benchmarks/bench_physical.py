@@ -1,0 +1,391 @@
+"""Benchmark of the physical (libvirt) plugin: initial sync and one incremental cycle.
+
+One run builds a deterministic, half-allocated qcow2 disk, protects a VM using it between two
+embedded libvirt roots, and times `standby replicate` against peers on the same content:
+`qemu-img convert` for the initial sync, `restic backup` and `rsync --no-whole-file` for the
+incremental after 1% of the 64 KiB blocks change. See benchmarks/README.md for the method.
+
+    uv run python benchmarks/bench_physical.py [--size-gib 4] [--workdir DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from standby.plugins.physical import lab
+
+KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
+BLOCK = 64 * KIB
+SEED = 20240611
+VM = "bench01"
+KINDS = {"hole": 50, "zero": 10, "text": 20, "random": 20}
+"""Share (by expected bytes) of each kind of region in the source disk."""
+SPANS = (256 * KIB, MIB, 4 * MIB, 16 * MIB)
+WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "elit", "sed", "do", "tempor", "magna",
+         "aliqua", "veniam")
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None) -> str:
+    """Run a command, fail loudly, return its stdout."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: exit {proc.returncode}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
+    """Wall-clock seconds of one command (after flushing dirty pages) and its stdout."""
+    os.sync()
+    start = time.monotonic()
+    out = run(cmd, env)
+    return time.monotonic() - start, out
+
+
+# --------------------------------------------------------------------------- the source disk
+
+
+def text_block(length: int, first: int) -> bytes:
+    """Log-like text (timestamps, counters, lorem words), never repeating thanks to counters."""
+    lines = [
+        f"2024-06-11T{i // 3600 % 24:02d}:{i // 60 % 60:02d}:{i % 60:02d}.{i % 997:03d}Z "
+        f"INFO app-{i % 7}[{4000 + i % 13}] req={i} {WORDS[i % 12]} {WORDS[i * 7 % 12]} "
+        f"path=/api/items/{i * 7919 % 100003} status=200 ms={i % 251}\n"
+        for i in range(first, first + length // 80 + 1)
+    ]
+    return "".join(lines).encode()[:length]
+
+
+def plan_regions(size: int, rng: random.Random) -> list[tuple[str, int, int]]:
+    """(kind, offset, length) regions covering the disk; region 0 is text (never bootable)."""
+    regions, offset = [], 0
+    while offset < size:
+        length = min(rng.choice(SPANS), size - offset)
+        kind = "text" if offset == 0 else rng.choices(list(KINDS), list(KINDS.values()))[0]
+        regions.append((kind, offset, length))
+        offset += length
+    return regions
+
+
+def build_disk(raw: Path, qcow2: Path, size: int) -> dict[str, int]:
+    """A sparse raw master and the qcow2 source disk with the same guest-visible content.
+
+    Zero regions are holes in the raw file but allocated (written) zero clusters in the qcow2,
+    like a guest's freshly zeroed files; holes stay unallocated in both."""
+    rng = random.Random(SEED)
+    regions = plan_regions(size, rng)
+    counts = dict.fromkeys(KINDS, 0)
+    with raw.open("wb") as f:
+        f.truncate(size)
+        for kind, offset, length in regions:
+            counts[kind] += length
+            if kind in ("text", "random"):
+                data = text_block(length, offset // 64) if kind == "text" else rng.randbytes(length)
+                os.pwrite(f.fileno(), data, offset)
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)])
+    zeros = [f"write -P 0 {o} {n}" for k, o, n in regions if k == "zero"]
+    for i in range(0, len(zeros), 200):
+        run(["qemu-io", "-f", "qcow2", *[a for c in zeros[i : i + 200] for a in ("-c", c)],
+             str(qcow2)])
+    return {f"{k}_bytes": v for k, v in counts.items()} | {"regions": len(regions)}
+
+
+def allocated_bytes(image: Path) -> int:
+    """Bytes the image has allocated (data extents of `qemu-img map`)."""
+    extents = json.loads(run(["qemu-img", "map", "-U", "--output=json", str(image)]))
+    return sum(e["length"] for e in extents if e["data"])
+
+
+def pick_changes(size: int) -> list[tuple[int, int]]:
+    """1% of the 64 KiB blocks, chosen at random (fixed seed), each with a fill byte."""
+    rng = random.Random(SEED + 1)
+    blocks = rng.sample(range(size // BLOCK), max(1, size // BLOCK // 100))
+    return [(b * BLOCK, 1 + b % 255) for b in sorted(blocks)]
+
+
+# --------------------------------------------------------------------------- standby
+
+
+class Standby:
+    """The standby CLI with its own STANDBY_HOME and two embedded libvirt roots."""
+
+    def __init__(self, work: Path) -> None:
+        self.src_uri = f"qemu:///embed?root={work / 'src-host'}"
+        self.dr_uri = f"qemu:///embed?root={work / 'dr-host'}"
+        self.pool = work / "dr-pool"
+        self.env = os.environ | {"STANDBY_HOME": str(work / "home")}
+        exe = Path(sys.executable).with_name("standby")
+        self.exe = str(exe) if exe.exists() else shutil.which("standby") or "standby"
+
+    def __call__(self, *args: str) -> str:
+        return run([self.exe, *args], self.env)
+
+    def setup(self, disk: Path) -> None:
+        """Start the source VM on the prepared disk, add both sites, protect the VM."""
+        conn = lab.connect(self.src_uri)
+        try:
+            lab.create_vm(conn, VM, disk.parent, [("vda", disk.stat().st_size, "qcow2")])
+        finally:
+            conn.close()
+        self("sites", "add", "src", "--plugin", "physical", "--set", f'uri="{self.src_uri}"')
+        self("sites", "add", "dr", "--plugin", "physical", "--set", f'uri="{self.dr_uri}"',
+             "--set", f'pool_dir="{self.pool}"', "--set", 'domain_type="qemu"')
+        self("protect", VM, "--from", "src", "--to", "dr", "--rpo", "1h", "--retain", "3")
+
+    def replicate(self) -> dict[str, Any]:
+        """One timed `standby replicate VM --json`: its report plus the command's wall time."""
+        wall, out = timed([self.exe, "replicate", VM, "--json"], self.env)
+        report: dict[str, Any] = json.loads(out)[0]
+        return report | {"wall_seconds": wall}
+
+    def guest_writes(self, changes: list[tuple[int, int]]) -> float:
+        """Write the changed blocks inside the running VM; returns the seconds it took."""
+        start = time.monotonic()
+        conn = lab.connect(self.src_uri)
+        try:
+            for offset, fill in changes:
+                lab.guest_write(conn, VM, "vda", offset, BLOCK, fill)
+        finally:
+            conn.close()
+        return time.monotonic() - start
+
+    def replica(self) -> Path:
+        """The newest replica overlay (top of the chain of the latest point)."""
+        return max(self.pool.glob("*/vda.c*.qcow2"))
+
+    def destroy(self) -> None:
+        """Destroy the source VM and any replica appliance left in the DR root."""
+        for uri, prefix in ((self.src_uri, VM), (self.dr_uri, "standby-replica-")):
+            conn = lab.connect(uri)
+            try:
+                for dom in conn.listAllDomains():
+                    if dom.name().startswith(prefix):
+                        lab.destroy_vm(conn, dom.name())
+            finally:
+                conn.close()
+
+
+# --------------------------------------------------------------------------- peers
+
+
+def qemu_img_convert(src: Path, dst: Path, *extra: str) -> float:
+    """Seconds of `qemu-img convert -O qcow2` of the (in-use) source disk to a new file."""
+    dst.unlink(missing_ok=True)
+    seconds, _ = timed(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2", *extra,
+                        str(src), str(dst)])
+    dst.unlink()
+    return seconds
+
+
+def dir_bytes(path: Path) -> int:
+    """Total size of the files under a directory."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def restic_backup(env: dict[str, str], repo: Path, path: Path) -> dict[str, Any]:
+    """One timed `restic backup`: seconds, restic's summary and the repository's growth."""
+    before = dir_bytes(repo)
+    seconds, out = timed(["restic", "backup", "--json", str(path)], env)
+    summary = next(
+        m for m in map(json.loads, out.splitlines()) if m.get("message_type") == "summary"
+    )
+    return {"seconds": seconds, "data_added": summary["data_added"],
+            "bytes_processed": summary["total_bytes_processed"],
+            "repo_growth": dir_bytes(repo) - before}
+
+
+def rsync_delta(src: Path, dst: Path) -> dict[str, Any]:
+    """Timed `rsync --inplace --no-whole-file --stats` of one local file onto its old copy."""
+    seconds, out = timed(["rsync", "--inplace", "--no-whole-file", "--stats", str(src),
+                          str(dst)])
+
+    def stat(label: str) -> int:
+        m = re.search(rf"^{label}: ([\d,]+)", out, re.M)
+        return int(m.group(1).replace(",", "")) if m else -1
+
+    return {"seconds": seconds, "bytes_sent": stat("Total bytes sent"),
+            "literal_data": stat("Literal data"), "matched_data": stat("Matched data")}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def machine(work: Path) -> dict[str, Any]:
+    """Facts about this machine and the tools' versions."""
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
+                .splitlines() if ln.startswith("model name")), platform.processor())
+
+    def first(cmd: list[str]) -> str:
+        return run(cmd).splitlines()[0].strip()
+
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "nproc": os.cpu_count(),
+        "cpu": cpu, "mem_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+                                     / GIB, 1),
+        "kernel": platform.release(), "python": platform.python_version(),
+        "qemu_img": first(["qemu-img", "--version"]), "restic": first(["restic", "version"]),
+        "rsync": first(["rsync", "--version"]), "libvirt": first(["virsh", "--version"]),
+        "loadavg": os.getloadavg(), "workdir_fs": first(["stat", "-f", "-c", "%T", str(work)]),
+    }
+
+
+def mibs(nbytes: int, seconds: float) -> float:
+    """MiB per second, one decimal."""
+    return round(nbytes / MIB / seconds, 1) if seconds else 0.0
+
+
+def change_raw(raw: Path, changes: list[tuple[int, int]]) -> None:
+    """Apply the guest's block changes to the raw master the peers work on."""
+    with raw.open("r+b") as f:
+        for offset, fill in changes:
+            os.pwrite(f.fileno(), bytes([fill]) * BLOCK, offset)
+
+
+def bench(work: Path, size: int, console: Console) -> dict[str, Any]:
+    """The whole benchmark; returns every figure."""
+    sb, raw, copy = Standby(work), work / "master.raw", work / "rsync-dest.raw"
+    disk = work / "src-disks" / f"{VM}-vda.qcow2"
+    disk.parent.mkdir(parents=True)
+    console.log(f"building the {size / GIB:g} GiB source disk")
+    t0 = time.monotonic()
+    content: dict[str, Any] = build_disk(raw, disk, size) | {"size": size, "allocated_bytes": alloc}
+    content["build_seconds"] = round(time.monotonic() - t0, 1)
+    run(["cp", "--sparse=always", str(raw), str(copy)])
+    renv = os.environ | {"RESTIC_PASSWORD": "bench", "RESTIC_REPOSITORY": str(work / "restic"),
+                         "RESTIC_CACHE_DIR": str(work / "restic-cache")}
+    try:
+        sb.setup(disk)
+        console.log("initial sync: standby, qemu-img convert (default, -W), restic backup")
+        full = sb.replicate()
+        qi = {f"qemu_img_convert{sfx}": qemu_img_convert(disk, work / "copy.qcow2", *opts)
+              for sfx, opts in (("", ()), ("_W", ("-W",)))}
+        run(["restic", "init"], renv)
+        restic_first = restic_backup(renv, work / "restic", raw)
+        changes = pick_changes(size)
+        console.log(f"changing {len(changes)} blocks of 64 KiB in the guest and the raw master")
+        write_seconds = sb.guest_writes(changes)
+        change_raw(raw, changes)
+        console.log("incremental: standby, restic (second backup), rsync")
+        inc = sb.replicate()
+        restic_second = restic_backup(renv, work / "restic", raw)
+        rs = rsync_delta(raw, copy)
+        console.log("verifying the replica and the peers' files against the source disk")
+        verified = {"replica": lab.images_equal(disk, sb.replica()),
+                    "raw_master": lab.images_equal(disk, raw, "qcow2", "raw"),
+                    "rsync_copy": lab.images_equal(disk, copy, "qcow2", "raw")}
+    finally:
+        sb.destroy()
+    changed = len(changes) * BLOCK
+    return {
+        "machine": machine(work), "disk": content, "equal_to_source": verified,
+        "initial": {
+            "standby": full | {"mib_s_wall": mibs(alloc, full["wall_seconds"]),
+                               "mib_s_report": mibs(alloc, full["seconds"])},
+            **{k: {"seconds": v, "mib_s": mibs(alloc, v)} for k, v in qi.items()},
+            "restic_first_backup": restic_first,
+            "speed_ratio_wall": round(qi["qemu_img_convert"] / full["wall_seconds"], 3),
+            "speed_ratio_report": round(qi["qemu_img_convert"] / full["seconds"], 3),
+        },
+        "incremental": {
+            "changed_blocks": len(changes), "bytes_changed": changed,
+            "guest_write_seconds": write_seconds, "standby": inc,
+            "shipped_over_changed": round(inc["bytes_written"] / changed, 3),
+            "restic_second_backup": restic_second, "rsync": rs,
+            "restic_over_standby_wall": round(restic_second["seconds"] / inc["wall_seconds"], 2),
+            "rsync_over_standby_wall": round(rs["seconds"] / inc["wall_seconds"], 2),
+        },
+    }
+
+
+def mib(n: int) -> str:
+    """Bytes as MiB for the table."""
+    return f"{n / MIB:,.1f}"
+
+
+def show(r: dict[str, Any], console: Console) -> None:
+    """The results table and the verdict on each target."""
+    ini, inc, alloc = r["initial"], r["incremental"], r["disk"]["allocated_bytes"]
+    s, n, rf = ini["standby"], inc["standby"], ini["restic_first_backup"]
+    rs, ry = inc["restic_second_backup"], inc["rsync"]
+    t = Table("phase", "tool", "seconds", "MiB/s", "MiB read", "MiB shipped",
+              title=f"{r['disk']['size'] / GIB:g} GiB disk, {mib(alloc)} MiB allocated, "
+              f"{inc['changed_blocks']} blocks changed, {r['machine']['nproc']} cores "
+              "(MiB/s = allocated MiB / seconds)")
+    for row in (
+        ("initial", "standby replicate (wall)", s["wall_seconds"], s["mib_s_wall"],
+         mib(s["bytes_read"]), mib(s["bytes_written"])),
+        ("", "standby (report seconds)", s["seconds"], s["mib_s_report"], "", ""),
+        *(("", f"qemu-img convert{' -W' if k.endswith('W') else ''}", ini[k]["seconds"],
+           ini[k]["mib_s"], "", "") for k in ("qemu_img_convert", "qemu_img_convert_W")),
+        ("", "restic backup (first)", rf["seconds"], "", mib(rf["bytes_processed"]),
+         f"{mib(rf['data_added'])} (repo +{mib(rf['repo_growth'])})"),
+        ("incremental", "standby replicate (wall)", n["wall_seconds"], "", mib(n["bytes_read"]),
+         mib(n["bytes_written"])),
+        ("", "standby (report seconds)", n["seconds"], "", "", ""),
+        ("", "restic backup (second)", rs["seconds"], "", mib(rs["bytes_processed"]),
+         f"{mib(rs['data_added'])} (repo +{mib(rs['repo_growth'])})"),
+        ("", "rsync --no-whole-file", ry["seconds"], "", "",
+         f"{mib(ry['bytes_sent'])} (literal {mib(ry['literal_data'])})"),
+    ):
+        t.add_row(*row[:2], f"{row[2]:.2f}", *map(str, row[3:]))
+    console.print(t)
+    console.print(
+        f"initial: standby runs at {ini['speed_ratio_wall']}x qemu-img's speed (wall; "
+        f"{ini['speed_ratio_report']}x by report seconds), target >= 0.8x\n"
+        f"incremental: {mib(inc['bytes_changed'])} MiB changed, standby shipped "
+        f"{inc['shipped_over_changed']}x that (target <= 1.2x); restic took "
+        f"{inc['restic_over_standby_wall']}x and rsync {inc['rsync_over_standby_wall']}x "
+        f"standby's wall time (target: restic >= 10x)\n"
+        f"equal to the source disk: {r['equal_to_source']}"
+    )
+
+
+def clean(work: Path) -> None:
+    """Remove everything the run made except results.json."""
+    for p in work.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name != "results.json":
+            p.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--size-gib", type=float, default=4.0, help="source disk size (GiB)")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/standby-bench"))
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = p.parse_args(argv)
+    size = int(args.size_gib * GIB) // MIB * MIB
+    work: Path = args.workdir.resolve()
+    if work.exists() and any(p.name != "results.json" for p in work.iterdir()):
+        raise SystemExit(f"{work} holds an earlier run; remove it (and any VMs in it) first")
+    work.mkdir(parents=True, exist_ok=True)
+    console = Console(width=max(120, shutil.get_terminal_size().columns))
+    try:
+        results = bench(work, size, console)
+        out = work / "results.json"
+        text = json.dumps(results, indent=2)
+        out.write_text(text + "\n")
+        print(text)
+        show(results, console)
+    finally:
+        if not args.keep:
+            clean(work)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

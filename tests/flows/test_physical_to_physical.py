@@ -1,0 +1,133 @@
+"""physical -> physical: cycles on real embedded libvirt hosts, checked byte for byte."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from support.labenv import MiB, Lab
+
+from standby.core.config import Policy
+from standby.core.errors import CapabilityNotSupported
+from standby.core.state import RecoveryPoint
+from standby.plugins.physical import lab
+
+
+def point_files(env: Lab, vm: str) -> dict[str, Path]:
+    with env.engine.state.session() as s:
+        prot = env.engine.state.protection(s, vm)
+        point = s.scalars(
+            select(RecoveryPoint)
+            .where(RecoveryPoint.protection_id == prot.id, RecoveryPoint.state == "visible")
+            .order_by(RecoveryPoint.id.desc())
+        ).first()
+        assert point is not None
+        return {d: Path(f) for d, f in point.ref["files"].items()}
+
+
+def assert_point_equals_source(env: Lab, vm: str, disks: list[str], fmt: str = "qcow2") -> None:
+    for dev, path in point_files(env, vm).items():
+        assert dev in disks
+        env.flush(vm, dev)
+        assert lab.images_equal(env.disk_path(vm, dev, fmt), path, fmt_a=fmt), (
+            f"point of {vm}/{dev} differs from the source"
+        )
+
+
+def test_cycles_are_byte_identical_and_incremental_reads_only_changes(labenv: Lab) -> None:
+    env = labenv
+    env.create_vm("flow1", [("vda", 64 * MiB, "qcow2"), ("vdb", 32 * MiB, "qcow2")])
+    env.write("flow1", "vda", 1 * MiB, 4 * MiB, 0x11)
+    env.write("flow1", "vdb", 0, 512 * 1024, 0x22)
+    env.engine.protect("flow1", "src", "dr", Policy(retain_count=3))
+
+    full = env.engine.replicate("flow1")
+    assert full.kind == "full"
+    assert full.bytes_read == 4 * MiB + 512 * 1024  # holes and zeroes are never read
+    assert_point_equals_source(env, "flow1", ["vda", "vdb"])
+
+    # Three 64 KiB writes (one rewrites the same bytes) and a zeroed range.
+    env.write("flow1", "vda", 10 * MiB, 65536, 0x33)
+    env.write("flow1", "vdb", 20 * MiB, 65536, 0x44)
+    env.write("flow1", "vda", 1 * MiB, 65536, 0x11)
+    env.zero("flow1", "vda", 2 * MiB, 65536)
+    inc = env.engine.replicate("flow1")
+    assert inc.kind == "incremental"
+    assert inc.bytes_read == 4 * 65536, "an incremental cycle reads exactly the changed blocks"
+    assert inc.bytes_written == 2 * 65536  # the identical rewrite is not shipped
+    assert inc.bytes_zeroed == 65536
+    assert_point_equals_source(env, "flow1", ["vda", "vdb"])
+
+    idle = env.engine.replicate("flow1")
+    assert idle.bytes_read == 0 and idle.bytes_written == 0
+    assert_point_equals_source(env, "flow1", ["vda", "vdb"])
+
+    # Grow vda by 16 MiB and write into the new space.
+    dom = env.src.lookupByName("flow1")
+    dom.blockResize("vda", 80 * MiB, 1)  # 1 = VIR_DOMAIN_BLOCK_RESIZE_BYTES
+    env.write("flow1", "vda", 70 * MiB, 65536, 0x55)
+    grown = env.engine.replicate("flow1")
+    assert grown.bytes_read == 65536
+    files = point_files(env, "flow1")
+    assert lab.has_pattern(files["vda"], 70 * MiB, 65536, 0x55)
+    assert_point_equals_source(env, "flow1", ["vda", "vdb"])
+
+    with env.engine.state.session() as s:
+        prot = env.engine.state.protection(s, "flow1")
+        visible = [p for p in prot.points if p.state == "visible"]
+        assert len(visible) == 3, "retention keeps 3 points"
+        assert all(d.digest for p in visible for d in p.disks)
+
+
+def test_raw_disk_falls_back_to_hash_compare(labenv: Lab) -> None:
+    env = labenv
+    env.create_vm("rawvm", [("vda", 32 * MiB, "raw")])
+    env.write("rawvm", "vda", 0, 2 * MiB, 0x61)
+    env.engine.protect("rawvm", "src", "dr", Policy())
+    first = env.engine.replicate("rawvm")
+    assert first.kind == "full"
+    assert any("hash-compare" in n for n in first.notes)
+    env.write("rawvm", "vda", 8 * MiB, 65536, 0x62)
+    second = env.engine.replicate("rawvm")
+    assert second.kind == "hashcompare"
+    assert second.bytes_written == 65536, "only blocks whose checksum changed are shipped"
+    assert_point_equals_source(env, "rawvm", ["vda"], fmt="raw")
+
+
+def test_disk_too_large_for_the_pool_is_refused_at_protect(labenv: Lab) -> None:
+    env = labenv
+    env.create_vm("huge", [("vda", 100 << 40, "qcow2")], )
+    with pytest.raises(CapabilityNotSupported) as exc:
+        env.engine.protect("huge", "src", "dr", Policy())
+    assert "vda" in str(exc.value) and "free" in str(exc.value)
+    with env.engine.state.session() as s:
+        from standby.core.state import Protection
+
+        assert s.scalars(select(Protection).where(Protection.vm_name == "huge")).first() is None
+
+
+def test_test_failover_is_isolated_and_cleanup_removes_everything(labenv: Lab) -> None:
+    env = labenv
+    env.create_vm("fo1", [("vda", 32 * MiB, "qcow2")])
+    env.write("fo1", "vda", 0, 1 * MiB, 0x71)
+    env.engine.protect("fo1", "src", "dr", Policy())
+    env.engine.replicate("fo1")
+    env.write("fo1", "vda", 4 * MiB, 65536, 0x72)  # after the point: must not show
+    fo = env.engine.failover("fo1", test=True)
+    assert fo.state == "running"
+    dom = env.dr.lookupByName(fo.vm_name)
+    assert dom.isActive()
+    xml = dom.XMLDesc(0)
+    assert "type='udp'" in xml and "127.0.0.1" in xml, "test NICs have no uplink"
+    assert env.src.lookupByName("fo1").isActive(), "the source keeps running"
+    disk = Path(fo.ref["dir"]) / "vda.qcow2"
+    assert lab.has_pattern(disk, 0, 1 * MiB, 0x71)
+    assert lab.has_pattern(disk, 4 * MiB, 65536, 0x00)
+    before = set(d.name() for d in env.dr.listAllDomains())
+    env.engine.cleanup("fo1")
+    after = set(d.name() for d in env.dr.listAllDomains())
+    assert fo.vm_name in before and fo.vm_name not in after
+    assert not Path(fo.ref["dir"]).exists()
+    # Replication goes on after the drill.
+    assert env.engine.replicate("fo1").bytes_read == 65536
