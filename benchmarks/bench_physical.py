@@ -55,8 +55,6 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, str
     return time.monotonic() - start, out
 
 
-# --------------------------------------------------------------------------- the source disk
-
 
 def text_block(length: int, first: int) -> bytes:
     """Log-like text (timestamps, counters, lorem words), never repeating thanks to counters."""
@@ -80,7 +78,7 @@ def plan_regions(size: int, rng: random.Random) -> list[tuple[str, int, int]]:
     return regions
 
 
-def build_disk(raw: Path, qcow2: Path, size: int) -> dict[str, int]:
+def build_disk(raw: Path, qcow2: Path, size: int) -> dict[str, Any]:
     """A sparse raw master and the qcow2 source disk with the same guest-visible content.
 
     Zero regions are holes in the raw file but allocated (written) zero clusters in the qcow2,
@@ -100,7 +98,8 @@ def build_disk(raw: Path, qcow2: Path, size: int) -> dict[str, int]:
     for i in range(0, len(zeros), 200):
         run(["qemu-io", "-f", "qcow2", *[a for c in zeros[i : i + 200] for a in ("-c", c)],
              str(qcow2)])
-    return {f"{k}_bytes": v for k, v in counts.items()} | {"regions": len(regions)}
+    return {f"{k}_bytes": v for k, v in counts.items()} | {
+        "size": size, "regions": len(regions), "allocated_bytes": allocated_bytes(qcow2)}
 
 
 def allocated_bytes(image: Path) -> int:
@@ -115,8 +114,6 @@ def pick_changes(size: int) -> list[tuple[int, int]]:
     blocks = rng.sample(range(size // BLOCK), max(1, size // BLOCK // 100))
     return [(b * BLOCK, 1 + b % 255) for b in sorted(blocks)]
 
-
-# --------------------------------------------------------------------------- standby
 
 
 class Standby:
@@ -178,8 +175,6 @@ class Standby:
                 conn.close()
 
 
-# --------------------------------------------------------------------------- peers
-
 
 def qemu_img_convert(src: Path, dst: Path, *extra: str) -> float:
     """Seconds of `qemu-img convert -O qcow2` of the (in-use) source disk to a new file."""
@@ -220,8 +215,6 @@ def rsync_delta(src: Path, dst: Path) -> dict[str, Any]:
             "literal_data": stat("Literal data"), "matched_data": stat("Matched data")}
 
 
-# --------------------------------------------------------------------------- the run
-
 
 def machine(work: Path) -> dict[str, Any]:
     """Facts about this machine and the tools' versions."""
@@ -261,8 +254,8 @@ def bench(work: Path, size: int, console: Console) -> dict[str, Any]:
     disk.parent.mkdir(parents=True)
     console.log(f"building the {size / GIB:g} GiB source disk")
     t0 = time.monotonic()
-    content: dict[str, Any] = build_disk(raw, disk, size) | {"size": size, "allocated_bytes": alloc}
-    content["build_seconds"] = round(time.monotonic() - t0, 1)
+    content = build_disk(raw, disk, size)
+    alloc, content["build_seconds"] = content["allocated_bytes"], time.monotonic() - t0
     run(["cp", "--sparse=always", str(raw), str(copy)])
     renv = os.environ | {"RESTIC_PASSWORD": "bench", "RESTIC_REPOSITORY": str(work / "restic"),
                          "RESTIC_CACHE_DIR": str(work / "restic-cache")}
