@@ -18,6 +18,7 @@ demo: setup
 
 lint: setup
 	uv run ruff check .
+	uv run ruff format --check .
 	uv run mypy
 
 test: setup lint

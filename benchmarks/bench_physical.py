@@ -17,6 +17,7 @@ import platform
 import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -35,8 +36,20 @@ VM = "bench01"
 KINDS = {"hole": 50, "zero": 10, "text": 20, "random": 20}
 """Share (by expected bytes) of each kind of region in the source disk."""
 SPANS = (256 * KIB, MIB, 4 * MIB, 16 * MIB)
-WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "elit", "sed", "do", "tempor", "magna",
-         "aliqua", "veniam")
+WORDS = (
+    "lorem",
+    "ipsum",
+    "dolor",
+    "sit",
+    "amet",
+    "elit",
+    "sed",
+    "do",
+    "tempor",
+    "magna",
+    "aliqua",
+    "veniam",
+)
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> str:
@@ -53,7 +66,6 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, str
     start = time.monotonic()
     out = run(cmd, env)
     return time.monotonic() - start, out
-
 
 
 def text_block(length: int, first: int) -> bytes:
@@ -96,10 +108,20 @@ def build_disk(raw: Path, qcow2: Path, size: int) -> dict[str, Any]:
     run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)])
     zeros = [f"write -P 0 {o} {n}" for k, o, n in regions if k == "zero"]
     for i in range(0, len(zeros), 200):
-        run(["qemu-io", "-f", "qcow2", *[a for c in zeros[i : i + 200] for a in ("-c", c)],
-             str(qcow2)])
+        run(
+            [
+                "qemu-io",
+                "-f",
+                "qcow2",
+                *[a for c in zeros[i : i + 200] for a in ("-c", c)],
+                str(qcow2),
+            ]
+        )
     return {f"{k}_bytes": v for k, v in counts.items()} | {
-        "size": size, "regions": len(regions), "allocated_bytes": allocated_bytes(qcow2)}
+        "size": size,
+        "regions": len(regions),
+        "allocated_bytes": allocated_bytes(qcow2),
+    }
 
 
 def allocated_bytes(image: Path) -> int:
@@ -113,7 +135,6 @@ def pick_changes(size: int) -> list[tuple[int, int]]:
     rng = random.Random(SEED + 1)
     blocks = rng.sample(range(size // BLOCK), max(1, size // BLOCK // 100))
     return [(b * BLOCK, 1 + b % 255) for b in sorted(blocks)]
-
 
 
 class Standby:
@@ -138,8 +159,19 @@ class Standby:
         finally:
             conn.close()
         self("sites", "add", "src", "--plugin", "physical", "--set", f'uri="{self.src_uri}"')
-        self("sites", "add", "dr", "--plugin", "physical", "--set", f'uri="{self.dr_uri}"',
-             "--set", f'pool_dir="{self.pool}"', "--set", 'domain_type="qemu"')
+        self(
+            "sites",
+            "add",
+            "dr",
+            "--plugin",
+            "physical",
+            "--set",
+            f'uri="{self.dr_uri}"',
+            "--set",
+            f'pool_dir="{self.pool}"',
+            "--set",
+            'domain_type="qemu"',
+        )
         self("protect", VM, "--from", "src", "--to", "dr", "--rpo", "1h", "--retain", "3")
 
     def replicate(self) -> dict[str, Any]:
@@ -175,12 +207,12 @@ class Standby:
                 conn.close()
 
 
-
 def qemu_img_convert(src: Path, dst: Path, *extra: str) -> float:
     """Seconds of `qemu-img convert -O qcow2` of the (in-use) source disk to a new file."""
     dst.unlink(missing_ok=True)
-    seconds, _ = timed(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2", *extra,
-                        str(src), str(dst)])
+    seconds, _ = timed(
+        ["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2", *extra, str(src), str(dst)]
+    )
     dst.unlink()
     return seconds
 
@@ -197,41 +229,57 @@ def restic_backup(env: dict[str, str], repo: Path, path: Path) -> dict[str, Any]
     summary = next(
         m for m in map(json.loads, out.splitlines()) if m.get("message_type") == "summary"
     )
-    return {"seconds": seconds, "data_added": summary["data_added"],
-            "bytes_processed": summary["total_bytes_processed"],
-            "repo_growth": dir_bytes(repo) - before}
+    return {
+        "seconds": seconds,
+        "data_added": summary["data_added"],
+        "bytes_processed": summary["total_bytes_processed"],
+        "repo_growth": dir_bytes(repo) - before,
+    }
 
 
 def rsync_delta(src: Path, dst: Path) -> dict[str, Any]:
     """Timed `rsync --inplace --no-whole-file --stats` of one local file onto its old copy."""
-    seconds, out = timed(["rsync", "--inplace", "--no-whole-file", "--stats", str(src),
-                          str(dst)])
+    seconds, out = timed(["rsync", "--inplace", "--no-whole-file", "--stats", str(src), str(dst)])
 
     def stat(label: str) -> int:
         m = re.search(rf"^{label}: ([\d,]+)", out, re.M)
         return int(m.group(1).replace(",", "")) if m else -1
 
-    return {"seconds": seconds, "bytes_sent": stat("Total bytes sent"),
-            "literal_data": stat("Literal data"), "matched_data": stat("Matched data")}
-
+    return {
+        "seconds": seconds,
+        "bytes_sent": stat("Total bytes sent"),
+        "literal_data": stat("Literal data"),
+        "matched_data": stat("Matched data"),
+    }
 
 
 def machine(work: Path) -> dict[str, Any]:
     """Facts about this machine and the tools' versions."""
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
-                .splitlines() if ln.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
 
     def first(cmd: list[str]) -> str:
         return run(cmd).splitlines()[0].strip()
 
     return {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"), "nproc": os.cpu_count(),
-        "cpu": cpu, "mem_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-                                     / GIB, 1),
-        "kernel": platform.release(), "python": platform.python_version(),
-        "qemu_img": first(["qemu-img", "--version"]), "restic": first(["restic", "version"]),
-        "rsync": first(["rsync", "--version"]), "libvirt": first(["virsh", "--version"]),
-        "loadavg": os.getloadavg(), "workdir_fs": first(["stat", "-f", "-c", "%T", str(work)]),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "mem_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GIB, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "qemu_img": first(["qemu-img", "--version"]),
+        "restic": first(["restic", "version"]),
+        "rsync": first(["rsync", "--version"]),
+        "libvirt": first(["virsh", "--version"]),
+        "loadavg": os.getloadavg(),
+        "workdir_fs": first(["stat", "-f", "-c", "%T", str(work)]),
     }
 
 
@@ -257,14 +305,19 @@ def bench(work: Path, size: int, console: Console) -> dict[str, Any]:
     content = build_disk(raw, disk, size)
     alloc, content["build_seconds"] = content["allocated_bytes"], time.monotonic() - t0
     run(["cp", "--sparse=always", str(raw), str(copy)])
-    renv = os.environ | {"RESTIC_PASSWORD": "bench", "RESTIC_REPOSITORY": str(work / "restic"),
-                         "RESTIC_CACHE_DIR": str(work / "restic-cache")}
+    renv = os.environ | {
+        "RESTIC_PASSWORD": "bench",
+        "RESTIC_REPOSITORY": str(work / "restic"),
+        "RESTIC_CACHE_DIR": str(work / "restic-cache"),
+    }
     try:
         sb.setup(disk)
         console.log("initial sync: standby, qemu-img convert (default, -W), restic backup")
         full = sb.replicate()
-        qi = {f"qemu_img_convert{sfx}": qemu_img_convert(disk, work / "copy.qcow2", *opts)
-              for sfx, opts in (("", ()), ("_W", ("-W",)))}
+        qi = {
+            f"qemu_img_convert{sfx}": qemu_img_convert(disk, work / "copy.qcow2", *opts)
+            for sfx, opts in (("", ()), ("_W", ("-W",)))
+        }
         run(["restic", "init"], renv)
         restic_first = restic_backup(renv, work / "restic", raw)
         changes = pick_changes(size)
@@ -276,27 +329,37 @@ def bench(work: Path, size: int, console: Console) -> dict[str, Any]:
         restic_second = restic_backup(renv, work / "restic", raw)
         rs = rsync_delta(raw, copy)
         console.log("verifying the replica and the peers' files against the source disk")
-        verified = {"replica": lab.images_equal(disk, sb.replica()),
-                    "raw_master": lab.images_equal(disk, raw, "qcow2", "raw"),
-                    "rsync_copy": lab.images_equal(disk, copy, "qcow2", "raw")}
+        verified = {
+            "replica": lab.images_equal(disk, sb.replica()),
+            "raw_master": lab.images_equal(disk, raw, "qcow2", "raw"),
+            "rsync_copy": lab.images_equal(disk, copy, "qcow2", "raw"),
+        }
     finally:
         sb.destroy()
     changed = len(changes) * BLOCK
     return {
-        "machine": machine(work), "disk": content, "equal_to_source": verified,
+        "machine": machine(work),
+        "disk": content,
+        "equal_to_source": verified,
         "initial": {
-            "standby": full | {"mib_s_wall": mibs(alloc, full["wall_seconds"]),
-                               "mib_s_report": mibs(alloc, full["seconds"])},
-            **{k: {"seconds": v, "mib_s": mibs(alloc, v)} for k, v in qi.items()},
+            "standby": full
+            | {
+                "mib_s_wall": mibs(alloc, full["wall_seconds"]),
+                "mib_s_report": mibs(alloc, full["seconds"]),
+            },
+            **{k: v | {"mib_s": mibs(alloc, v["seconds"])} for k, v in qi.items()},
             "restic_first_backup": restic_first,
-            "speed_ratio_wall": round(qi["qemu_img_convert"] / full["wall_seconds"], 3),
-            "speed_ratio_report": round(qi["qemu_img_convert"] / full["seconds"], 3),
+            "speed_ratio_wall": round(qi["qemu_img_convert"]["seconds"] / full["wall_seconds"], 3),
+            "speed_ratio_report": round(qi["qemu_img_convert"]["seconds"] / full["seconds"], 3),
         },
         "incremental": {
-            "changed_blocks": len(changes), "bytes_changed": changed,
-            "guest_write_seconds": write_seconds, "standby": inc,
+            "changed_blocks": len(changes),
+            "bytes_changed": changed,
+            "guest_write_seconds": write_seconds,
+            "standby": inc,
             "shipped_over_changed": round(inc["bytes_written"] / changed, 3),
-            "restic_second_backup": restic_second, "rsync": rs,
+            "restic_second_backup": restic_second,
+            "rsync": rs,
             "restic_over_standby_wall": round(restic_second["seconds"] / inc["wall_seconds"], 2),
             "rsync_over_standby_wall": round(rs["seconds"] / inc["wall_seconds"], 2),
         },
@@ -313,25 +376,71 @@ def show(r: dict[str, Any], console: Console) -> None:
     ini, inc, alloc = r["initial"], r["incremental"], r["disk"]["allocated_bytes"]
     s, n, rf = ini["standby"], inc["standby"], ini["restic_first_backup"]
     rs, ry = inc["restic_second_backup"], inc["rsync"]
-    t = Table("phase", "tool", "seconds", "MiB/s", "MiB read", "MiB shipped",
-              title=f"{r['disk']['size'] / GIB:g} GiB disk, {mib(alloc)} MiB allocated, "
-              f"{inc['changed_blocks']} blocks changed, {r['machine']['nproc']} cores "
-              "(MiB/s = allocated MiB / seconds)")
+    t = Table(
+        "phase",
+        "tool",
+        "seconds",
+        "MiB/s",
+        "MiB read",
+        "MiB shipped",
+        title=f"{r['disk']['size'] / GIB:g} GiB disk, {mib(alloc)} MiB allocated, "
+        f"{inc['changed_blocks']} blocks changed, {r['machine']['nproc']} cores "
+        "(MiB/s = allocated MiB / seconds)",
+    )
     for row in (
-        ("initial", "standby replicate (wall)", s["wall_seconds"], s["mib_s_wall"],
-         mib(s["bytes_read"]), mib(s["bytes_written"])),
+        (
+            "initial",
+            "standby replicate (wall)",
+            s["wall_seconds"],
+            s["mib_s_wall"],
+            mib(s["bytes_read"]),
+            mib(s["bytes_written"]),
+        ),
         ("", "standby (report seconds)", s["seconds"], s["mib_s_report"], "", ""),
-        *(("", f"qemu-img convert{' -W' if k.endswith('W') else ''}", ini[k]["seconds"],
-           ini[k]["mib_s"], "", "") for k in ("qemu_img_convert", "qemu_img_convert_W")),
-        ("", "restic backup (first)", rf["seconds"], "", mib(rf["bytes_processed"]),
-         f"{mib(rf['data_added'])} (repo +{mib(rf['repo_growth'])})"),
-        ("incremental", "standby replicate (wall)", n["wall_seconds"], "", mib(n["bytes_read"]),
-         mib(n["bytes_written"])),
+        *(
+            (
+                "",
+                f"qemu-img convert{' -W' if k.endswith('W') else ''}",
+                ini[k]["seconds"],
+                ini[k]["mib_s"],
+                "",
+                "",
+            )
+            for k in ("qemu_img_convert", "qemu_img_convert_W")
+        ),
+        (
+            "",
+            "restic backup (first)",
+            rf["seconds"],
+            "",
+            mib(rf["bytes_processed"]),
+            f"{mib(rf['data_added'])} (repo +{mib(rf['repo_growth'])})",
+        ),
+        (
+            "incremental",
+            "standby replicate (wall)",
+            n["wall_seconds"],
+            "",
+            mib(n["bytes_read"]),
+            mib(n["bytes_written"]),
+        ),
         ("", "standby (report seconds)", n["seconds"], "", "", ""),
-        ("", "restic backup (second)", rs["seconds"], "", mib(rs["bytes_processed"]),
-         f"{mib(rs['data_added'])} (repo +{mib(rs['repo_growth'])})"),
-        ("", "rsync --no-whole-file", ry["seconds"], "", "",
-         f"{mib(ry['bytes_sent'])} (literal {mib(ry['literal_data'])})"),
+        (
+            "",
+            "restic backup (second)",
+            rs["seconds"],
+            "",
+            mib(rs["bytes_processed"]),
+            f"{mib(rs['data_added'])} (repo +{mib(rs['repo_growth'])})",
+        ),
+        (
+            "",
+            "rsync --no-whole-file",
+            ry["seconds"],
+            "",
+            "",
+            f"{mib(ry['bytes_sent'])} (literal {mib(ry['literal_data'])})",
+        ),
     ):
         t.add_row(*row[:2], f"{row[2]:.2f}", *map(str, row[3:]))
     console.print(t)

@@ -14,8 +14,13 @@ STANDBY = [sys.executable, "-m", "standby.core"]
 
 
 def run(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*STANDBY, *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "STANDBY_HOME": str(home)})
+    return subprocess.run(
+        [*STANDBY, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "STANDBY_HOME": str(home)},
+    )
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
@@ -35,8 +40,10 @@ def home(tmp_path: Path) -> Path:
 def test_plugins_lists_physical(home: Path) -> None:
     proc = run(home, "plugins", "--json")
     rows = json.loads(proc.stdout)
-    assert {(r["name"], r["role"]) for r in rows} >= {("physical", "source"),
-                                                       ("physical", "target")}
+    assert {(r["name"], r["role"]) for r in rows} >= {
+        ("physical", "source"),
+        ("physical", "target"),
+    }
     assert all(r["ok"] for r in rows if r["name"] == "physical")
 
 
@@ -62,32 +69,57 @@ def test_malformed_and_incomplete_site_files(home: Path) -> None:
 def test_sites_add_refuses_bad_input_and_writes_nothing(home: Path) -> None:
     one_line_error(run(home, "sites", "add", "s1", "--plugin", "nope"), 2, "unknown plugin 'nope'")
     one_line_error(
-        run(home, "sites", "add", "s1", "--plugin", "physical", "--set", 'uri="qemu:///system"',
-            "--set", 'password="hunter2"'),
-        2, "secret reference",
+        run(
+            home,
+            "sites",
+            "add",
+            "s1",
+            "--plugin",
+            "physical",
+            "--set",
+            'uri="qemu:///system"',
+            "--set",
+            'password="hunter2"',
+        ),
+        2,
+        "secret reference",
     )
     proc = run(home, "sites", "add", "s1", "--plugin", "physical", "--set", "password=x")
     assert "hunter2" not in proc.stderr
     assert not (home / "sites" / "s1.toml").exists()
-    ok = run(home, "sites", "add", "s1", "--plugin", "physical", "--set", 'uri="qemu:///system"',
-             "--set", 'password="env:LIBVIRT_PW"')
+    ok = run(
+        home,
+        "sites",
+        "add",
+        "s1",
+        "--plugin",
+        "physical",
+        "--set",
+        'uri="qemu:///system"',
+        "--set",
+        'password="env:LIBVIRT_PW"',
+    )
     assert ok.returncode == 0, ok.stderr
     listed = json.loads(run(home, "sites", "list", "--json").stdout)
     assert [s["name"] for s in listed] == ["s1"]
-    one_line_error(run(home, "sites", "add", "s1", "--plugin", "physical", "--set", 'uri="a://"'),
-                   2, "exists")
+    one_line_error(
+        run(home, "sites", "add", "s1", "--plugin", "physical", "--set", 'uri="a://"'), 2, "exists"
+    )
 
 
 def test_unreachable_libvirt_uri(home: Path) -> None:
     (home / "sites" / "far.toml").write_text(
-        'plugin = "physical"\nuri = "qemu+tcp://127.0.0.1:1/system"\n')
+        'plugin = "physical"\nuri = "qemu+tcp://127.0.0.1:1/system"\n'
+    )
     one_line_error(run(home, "vms", "far"), 7, "cannot connect", "far")
 
 
 def test_protect_with_bad_policy_values(home: Path) -> None:
-    one_line_error(run(home, "protect", "x", "--from", "a", "--to", "b", "--rpo", "soon"), 2,
-                   "--rpo")
-    one_line_error(run(home, "protect", "x", "--from", "a", "--to", "b", "--retain", "0"), 2,
-                   "retain")
+    one_line_error(
+        run(home, "protect", "x", "--from", "a", "--to", "b", "--rpo", "soon"), 2, "--rpo"
+    )
+    one_line_error(
+        run(home, "protect", "x", "--from", "a", "--to", "b", "--retain", "0"), 2, "retain"
+    )
     one_line_error(run(home, "protect", "x", "--from", "a", "--to", "b"), 3, "unknown site 'a'")
     assert json.loads(run(home, "status", "--json").stdout) == []

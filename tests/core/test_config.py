@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from standby.core.config import (
     Policy,
     SecretRef,
@@ -78,7 +77,7 @@ def test_policy_files_and_durations(tmp_path: Path) -> None:
     (tmp_path / "policies" / "gold.toml").write_text('rpo = "1m"\nretain = 48\n')
     gold = load_policy("gold", tmp_path)
     assert gold.rpo_seconds == 60 and gold.retain_count == 48
-    (tmp_path / "policies" / "bad.toml").write_text("rpo = \"1m\"\nspeed = 1\n")
+    (tmp_path / "policies" / "bad.toml").write_text('rpo = "1m"\nspeed = 1\n')
     with pytest.raises(ConfigError, match="unknown key 'speed'"):
         load_policy("bad", tmp_path)
     with pytest.raises(NotFound):

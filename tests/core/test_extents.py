@@ -6,7 +6,6 @@ import random
 
 from hypothesis import given
 from hypothesis import strategies as st
-
 from standby.core.extents import (
     BLOCK,
     UNKNOWN_DIGEST,
@@ -34,8 +33,9 @@ def as_set(r: list[tuple[int, int]]) -> set[int]:
 
 
 @given(ranges, ranges)
-def test_union_and_subtract_match_set_semantics(a: list[tuple[int, int]],
-                                                b: list[tuple[int, int]]) -> None:
+def test_union_and_subtract_match_set_semantics(
+    a: list[tuple[int, int]], b: list[tuple[int, int]]
+) -> None:
     na, nb = normalize(a), normalize(b)
     assert as_set(union(na, nb)) == as_set(na) | as_set(nb)
     assert as_set(subtract(na, nb)) == as_set(na) - as_set(nb)

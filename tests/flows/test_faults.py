@@ -10,9 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from support.labenv import STANDBY, MiB, Lab
-
 from standby.plugins.physical import lab
+from support.labenv import STANDBY, Lab, MiB
 
 
 def _fill(env: Lab, vm: str, mib: int, offset_mib: int = 0) -> None:
@@ -35,8 +34,9 @@ def _compare(env: Lab, vm: str) -> None:
     assert points
     latest = points[-1]["id"]
     db = sqlite3.connect(env.home / "state.db")
-    ref = json.loads(db.execute("select ref from recovery_points where id=?",
-                                (latest,)).fetchone()[0])
+    ref = json.loads(
+        db.execute("select ref from recovery_points where id=?", (latest,)).fetchone()[0]
+    )
     db.close()
     lab.guest_flush(env.src, vm, "vda")
     assert lab.images_equal(env.disk_path(vm, "vda"), Path(ref["files"]["vda"]))
@@ -47,12 +47,14 @@ def test_killed_mid_cycle_resumes_without_a_half_visible_point(labenv: Lab) -> N
     env.create_vm("kill1", [("vda", 96 * MiB, "qcow2")])
     _fill(env, "kill1", 40)
     # 40 MiB at 64 Mbit/s takes ~5 s: long enough to kill the process after a checkpoint.
-    env.cli("protect", "kill1", "--from", "src", "--to", "dr", "--bandwidth-mbps", "64",
-            check=True)
-    proc = subprocess.Popen([*STANDBY, "replicate", "kill1"],
-                            env={**os.environ, "STANDBY_HOME": str(env.home)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    env.cli("protect", "kill1", "--from", "src", "--to", "dr", "--bandwidth-mbps", "64", check=True)
+    proc = subprocess.Popen(
+        [*STANDBY, "replicate", "kill1"],
+        env={**os.environ, "STANDBY_HOME": str(env.home)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 60
     while _progress_rows(env.home) == 0:
         assert proc.poll() is None, proc.communicate()
@@ -84,12 +86,18 @@ def test_two_replications_of_one_vm_never_run_at_once(labenv: Lab) -> None:
     env = labenv
     env.create_vm("conc1", [("vda", 64 * MiB, "qcow2")])
     _fill(env, "conc1", 16)
-    env.cli("protect", "conc1", "--from", "src", "--to", "dr", "--bandwidth-mbps", "80",
-            check=True)
+    env.cli("protect", "conc1", "--from", "src", "--to", "dr", "--bandwidth-mbps", "80", check=True)
     run_env = {**os.environ, "STANDBY_HOME": str(env.home)}
-    procs = [subprocess.Popen([*STANDBY, "replicate", "conc1"], env=run_env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [*STANDBY, "replicate", "conc1"],
+            env=run_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=120), p.stderr.read() if p.stderr else "") for p in procs]
     codes = sorted(code for code, _ in results)
     assert codes == [0, 8], results

@@ -6,10 +6,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support.guest import GuestConsole, build_guest, guest_domain_xml
-from support.labenv import REPO, MiB, Lab
-
 from standby.core.config import Policy
+from support.guest import GuestConsole, build_guest, guest_domain_xml
+from support.labenv import REPO, Lab, MiB
 
 pytestmark = pytest.mark.slow
 
@@ -24,8 +23,9 @@ def test_guest_files_survive_a_test_failover(labenv: Lab) -> None:
     image = build_guest(REPO / ".cache" / "guest")
     disk = env.base / "disks" / "guest1-vda.qcow2"
     disk.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), str(64 * MiB)],
-                   check=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", str(disk), str(64 * MiB)], check=True
+    )
     console_path = env.base / "g1.sock"
     dom = env.src.defineXML(guest_domain_xml("guest1", image, disk, console_path))
     env.vms.append("guest1")

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
-from support.labenv import MiB, Lab
-
 from standby.core.config import Policy
 from standby.core.errors import CapabilityNotSupported
 from standby.core.state import RecoveryPoint
 from standby.plugins.physical import lab
+from support.labenv import Lab, MiB
 
 
 def point_files(env: Lab, vm: str) -> dict[str, Path]:
@@ -97,7 +96,10 @@ def test_raw_disk_falls_back_to_hash_compare(labenv: Lab) -> None:
 
 def test_disk_too_large_for_the_pool_is_refused_at_protect(labenv: Lab) -> None:
     env = labenv
-    env.create_vm("huge", [("vda", 100 << 40, "qcow2")], )
+    env.create_vm(
+        "huge",
+        [("vda", 100 << 40, "qcow2")],
+    )
     with pytest.raises(CapabilityNotSupported) as exc:
         env.engine.protect("huge", "src", "dr", Policy())
     assert "vda" in str(exc.value) and "free" in str(exc.value)

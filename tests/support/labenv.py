@@ -71,16 +71,23 @@ class Lab:
     def disk_path(self, vm: str, dev: str, fmt: str = "qcow2") -> Path:
         return self.base / "disks" / f"{vm}-{dev}.{fmt}"
 
-    def cli(self, *args: str, check: bool = False, env: dict[str, str] | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self,
+        *args: str,
+        check: bool = False,
+        env: dict[str, str] | None = None,
+        timeout: float = 300,
+    ) -> subprocess.CompletedProcess[str]:
         """Run the standby CLI in a subprocess (releases this process's roots first)."""
         self.release()
         full_env = {**os.environ, "STANDBY_HOME": str(self.home), **(env or {})}
-        proc = subprocess.run([*STANDBY, *args], capture_output=True, text=True,
-                              env=full_env, timeout=timeout)
+        proc = subprocess.run(
+            [*STANDBY, *args], capture_output=True, text=True, env=full_env, timeout=timeout
+        )
         if check and proc.returncode != 0:
-            raise AssertionError(f"standby {' '.join(args)} -> {proc.returncode}\n"
-                                 f"{proc.stdout}\n{proc.stderr}")
+            raise AssertionError(
+                f"standby {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+            )
         return proc
 
 

@@ -18,8 +18,12 @@ from support.labenv import Lab, MiB
 
 @pytest.fixture(scope="module")
 def source(labenv: Lab) -> Iterator[PhysicalSource]:
-    site = Site(name="src", plugin="physical", path=labenv.home / "sites/src.toml",
-                raw={"uri": labenv.src_uri})
+    site = Site(
+        name="src",
+        plugin="physical",
+        path=labenv.home / "sites/src.toml",
+        raw={"uri": labenv.src_uri},
+    )
     src = PhysicalSource(site)
     src.connect()
     lab.create_vm(src.conn, "contract1", labenv.base / "disks", [("vda", 16 * MiB, "qcow2")])
@@ -49,9 +53,12 @@ class TestPhysicalSource(SourceContract):
 
 @pytest.fixture(scope="module")
 def target(labenv: Lab) -> Iterator[PhysicalTarget]:
-    site = Site(name="dr", plugin="physical", path=labenv.home / "sites/dr.toml",
-                raw={"uri": labenv.dr_uri, "pool_dir": str(labenv.base / "kitpool"),
-                     "domain_type": "qemu"})
+    site = Site(
+        name="dr",
+        plugin="physical",
+        path=labenv.home / "sites/dr.toml",
+        raw={"uri": labenv.dr_uri, "pool_dir": str(labenv.base / "kitpool"), "domain_type": "qemu"},
+    )
     tgt = PhysicalTarget(site)
     tgt.connect()
     try:
@@ -62,9 +69,14 @@ def target(labenv: Lab) -> Iterator[PhysicalTarget]:
 
 @pytest.fixture
 def contract_protection() -> ProtectionInfo:
-    vm = VMSpec(id="kit-1", name="kitvm", cpus=1, memory_mib=64,
-                disks=(DiskSpec(name="vda", size=8 * MiB, format="qcow2"),),
-                nics=(NicSpec(name="nic0", mac="52:54:00:00:00:99"),))
+    vm = VMSpec(
+        id="kit-1",
+        name="kitvm",
+        cpus=1,
+        memory_mib=64,
+        disks=(DiskSpec(name="vda", size=8 * MiB, format="qcow2"),),
+        nics=(NicSpec(name="nic0", mac="52:54:00:00:00:99"),),
+    )
     return ProtectionInfo(id=42, vm=vm, source_site="src", target_site="dr")
 
 
@@ -91,13 +103,18 @@ class TestPhysicalTarget(TargetContract):
             ref = w.commit_point(1)
         path = Path(ref["files"]["vda"])
         before = path.stat().st_mtime_ns
-        point = PointInfo(id=1, created_at=__import__("datetime").datetime.now(), ref=ref,
-                          disks={"vda": 8 * MiB})
+        point = PointInfo(
+            id=1, created_at=__import__("datetime").datetime.now(), ref=ref, disks={"vda": 8 * MiB}
+        )
         with target.open_writer(p, 2, point) as w:
             w.write("vda", 0, b"\x06" * 65536)
             w.commit_point(2)
         assert path.stat().st_mtime_ns == before
-        info = subprocess.run(["qemu-img", "info", "-U", str(target.cycle_file(p, "vda", 2))],
-                              capture_output=True, text=True, check=True).stdout
+        info = subprocess.run(
+            ["qemu-img", "info", "-U", str(target.cycle_file(p, "vda", 2))],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         assert str(path) in info  # the new point is an overlay on the old one
         target.remove(p, [])

@@ -8,10 +8,10 @@ Exit codes: 0 ok; 1 other standby error; 2 bad configuration or input; 3 not fou
 from __future__ import annotations
 
 import json
-from datetime import UTC
 import sys
 import time
 import tomllib
+from datetime import UTC
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -56,8 +56,10 @@ def home() -> Path:
 def _main(
     home_dir: Annotated[
         Path | None,
-        typer.Option("--home", help="State and config directory (default $STANDBY_HOME or "
-                     "~/.config/standby)."),
+        typer.Option(
+            "--home",
+            help="State and config directory (default $STANDBY_HOME or ~/.config/standby).",
+        ),
     ] = None,
 ) -> None:
     global _home
@@ -187,8 +189,11 @@ def _validate_site(site: config.Site) -> None:
         raise ConfigError(f"unknown plugin '{site.plugin}' (installed: {', '.join(sorted(names))})")
     for role in ("source", "target"):
         try:
-            cls = plugins.source_class(site.plugin) if role == "source" else \
-                plugins.target_class(site.plugin)
+            cls = (
+                plugins.source_class(site.plugin)
+                if role == "source"
+                else plugins.target_class(site.plugin)
+            )
         except StandbyError:
             continue
         cls(site)  # parses and validates the vendor keys
@@ -252,8 +257,9 @@ def vms(site: str, as_json: JsonOpt = False) -> None:
     table = Table("name", "id", "cpus", "memory", "firmware", "disks", "state")
     for v in found:
         disks = ", ".join(f"{d.name} {_size(d.size)} {d.format}" for d in v.disks)
-        table.add_row(v.name, v.id, str(v.cpus), f"{v.memory_mib} MiB", v.firmware.value,
-                      disks, v.power_state)
+        table.add_row(
+            v.name, v.id, str(v.cpus), f"{v.memory_mib} MiB", v.firmware.value, disks, v.power_state
+        )
     out.print(table)
 
 
@@ -296,11 +302,20 @@ def protect(
     with opened(home()) as engine:
         pid = engine.protect(vm, source, target, pol)
     if as_json:
-        emit({"protection": pid, "vm": vm, "source": source, "target": target,
-              "policy": pol.model_dump()})
+        emit(
+            {
+                "protection": pid,
+                "vm": vm,
+                "source": source,
+                "target": target,
+                "policy": pol.model_dump(),
+            }
+        )
     else:
-        out.print(f"protected [bold]{vm}[/] {source} -> {target} (protection {pid}); "
-                  "run `standby replicate` for the initial sync")
+        out.print(
+            f"protected [bold]{vm}[/] {source} -> {target} (protection {pid}); "
+            "run `standby replicate` for the initial sync"
+        )
 
 
 def _report_line(r: CycleReport) -> str:
@@ -318,8 +333,9 @@ def replicate(
     vm: Annotated[str | None, typer.Argument(help="One VM (default: every protection).")] = None,
     watch: Annotated[bool, typer.Option(help="Keep running cycles as RPO targets need.")] = False,
     interval: Annotated[float, typer.Option(help="Seconds between --watch checks.")] = 10.0,
-    wait: Annotated[bool, typer.Option(help="Wait for a running replication instead of "
-                                       "refusing.")] = False,
+    wait: Annotated[
+        bool, typer.Option(help="Wait for a running replication instead of refusing.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a replication cycle (the first one is the initial full sync)."""
@@ -333,8 +349,9 @@ def replicate(
                 names = due(engine.state)
             else:
                 with engine.state.session() as s:
-                    names = [p.vm_name for p in s.scalars(select(Protection)) if
-                             p.state == "protected"]
+                    names = [
+                        p.vm_name for p in s.scalars(select(Protection)) if p.state == "protected"
+                    ]
             for name in names:
                 try:
                     r = engine.replicate(name)
@@ -369,9 +386,15 @@ def status(as_json: JsonOpt = False) -> None:
     for r in rows:
         rpo = f"{r['rpo_seconds']:.0f}s" if r["rpo_seconds"] is not None else "-"
         health = r["health"] if r["health"] == "ok" else f"[yellow]{r['health']}[/]: {r['reason']}"
-        table.add_row(r["vm"], f"{r['source']} -> {r['target']}", str(r["points"]),
-                      str(r["latest_point_time"] or "-")[:19], rpo, f"{r['rpo_target_seconds']}s",
-                      health)
+        table.add_row(
+            r["vm"],
+            f"{r['source']} -> {r['target']}",
+            str(r["points"]),
+            str(r["latest_point_time"] or "-")[:19],
+            rpo,
+            f"{r['rpo_target_seconds']}s",
+            health,
+        )
     out.print(table)
 
 
@@ -380,7 +403,7 @@ def points(vm: str, as_json: JsonOpt = False) -> None:
     """Recovery points of a protected VM (newest last)."""
     with opened(home()) as engine, engine.state.session() as s:
         prot = engine.state.protection(s, vm)
-        rows = [
+        rows: list[dict[str, Any]] = [
             {
                 "id": p.id,
                 "time": p.created_at.replace(tzinfo=UTC).isoformat(timespec="seconds"),
@@ -426,18 +449,23 @@ def failover(
         if vm is not None:
             raise ConfigError(f"unexpected argument '{vm}'")
         if not test:
-            raise ConfigError(
-                "only --test failover is available in this release; add --test"
-            )
+            raise ConfigError("only --test failover is available in this release; add --test")
         fo = engine.failover(vm_or_action, test=True, point_id=point)
-        data = {"vm": vm_or_action, "failover": fo.id, "point": fo.point_id,
-                "target_vm": fo.vm_name, "ref": fo.ref}
+        data = {
+            "vm": vm_or_action,
+            "failover": fo.id,
+            "point": fo.point_id,
+            "target_vm": fo.vm_name,
+            "ref": fo.ref,
+        }
     if as_json:
         emit(data)
     else:
-        out.print(f"{vm_or_action}: test failover {data['failover']} running as "
-                  f"[bold]{data['target_vm']}[/] from point {data['point']}; "
-                  f"clean up with `standby failover cleanup {vm_or_action}`")
+        out.print(
+            f"{vm_or_action}: test failover {data['failover']} running as "
+            f"[bold]{data['target_vm']}[/] from point {data['point']}; "
+            f"clean up with `standby failover cleanup {vm_or_action}`"
+        )
 
 
 def main() -> None:

@@ -339,8 +339,9 @@ class Engine:
                 vm = source.get_vm(prot.vm_id)
             except NotFound:
                 n = sum(1 for p in prot.points if p.state == "visible")
-                self._set_health(prot.id, "source-missing",
-                                 f"source VM no longer exists at '{prot.source_site}'")
+                self._set_health(
+                    prot.id, "source-missing", f"source VM no longer exists at '{prot.source_site}'"
+                )
                 raise NotFound(
                     f"source VM '{prot.vm_name}' no longer exists at site '{prot.source_site}'; "
                     f"the protection and its {n} recovery point(s) are kept"
@@ -391,9 +392,7 @@ class Engine:
             vm_name = prot.vm_name
 
         if resumed and phase == "commit":
-            return self._finish(
-                cycle_id, pinfo, target, source, None, None, started, resumed=True
-            )
+            return self._finish(cycle_id, pinfo, target, source, None, None, started, resumed=True)
 
         since: dict[str, str | None] = {}
         for disk in vm.disks:
@@ -419,23 +418,33 @@ class Engine:
                 c.snapshot_tokens = dict(snap.tokens)
             with target.open_writer(pinfo, cycle_id, base_info) as writer:
                 jobs = [
-                    self._plan_disk(source, snap, d.name, d.size, base_info, prev_manifests,
-                                    progress_state.get(d.name))
+                    self._plan_disk(
+                        source,
+                        snap,
+                        d.name,
+                        d.size,
+                        base_info,
+                        prev_manifests,
+                        progress_state.get(d.name),
+                    )
                     for d in vm.disks
                 ]
                 kinds = {j.mode for j in jobs}
-                kind = "full" if kinds == {"full"} else (
-                    "incremental" if kinds <= {"incremental", "full"} and "incremental" in kinds
-                    else "hashcompare"
+                kind = (
+                    "full"
+                    if kinds == {"full"}
+                    else (
+                        "incremental"
+                        if kinds <= {"incremental", "full"} and "incremental" in kinds
+                        else "hashcompare"
+                    )
                 )
                 with self.state.session() as s:
                     c = s.get(Cycle, cycle_id)
                     assert c is not None
                     c.kind = kind
                     c.bytes_planned = sum(total(j.plan) for j in jobs)
-                stats = self._copy(
-                    cycle_id, vm_name, source, target, snap, writer, jobs, policy
-                )
+                stats = self._copy(cycle_id, vm_name, source, target, snap, writer, jobs, policy)
                 self._verify(cycle_id, writer, jobs, policy)
                 with self.state.session() as s:
                     c = s.get(Cycle, cycle_id)
@@ -512,9 +521,7 @@ class Engine:
         progress: tuple[str, Intervals, Intervals, Manifest] | None,
     ) -> _DiskJob:
         """Decide what to read for one disk: changed extents, or all allocated + hash-compare."""
-        extents = align_out(
-            ((e.offset, e.end) for e in source.changed_extents(snap, disk)), size
-        )
+        extents = align_out(((e.offset, e.end) for e in source.changed_extents(snap, disk)), size)
         in_base = base is not None and disk in base.disks
         if snap.since.get(disk):
             mode = "incremental"
@@ -663,9 +670,7 @@ class Engine:
         return stats
 
     def _advance_progress(self, jobs: list[_DiskJob]) -> None:
-        done = sum(
-            e - s for j in jobs for k, (s, e) in enumerate(j.units) if j.done[k]
-        )
+        done = sum(e - s for j in jobs for k, (s, e) in enumerate(j.units) if j.done[k])
         if done > self._reported_bytes:
             self.progress.advance(done - self._reported_bytes)
         self._reported_bytes = done
@@ -675,9 +680,7 @@ class Engine:
     ) -> None:
         """Persist progress; only units whose writes the target has flushed count as done."""
         with lock:
-            snapshot = [
-                (j, bytes(j.done), bytes(j.manifest.data)) for j in jobs
-            ]
+            snapshot = [(j, bytes(j.done), bytes(j.manifest.data)) for j in jobs]
         writer.flush()
         with self.state.session() as s:
             for job, done, manifest in snapshot:
@@ -812,9 +815,7 @@ class Engine:
                 )
             for r in rows.values():
                 s.delete(r)
-            prev = (
-                s.get(RecoveryPoint, c.base_point_id) if c.base_point_id is not None else None
-            )
+            prev = s.get(RecoveryPoint, c.base_point_id) if c.base_point_id is not None else None
             rpo = (now - _aware(prev.created_at)).total_seconds() if prev else None
             c.status = "complete"
             c.finished_at = now
@@ -890,20 +891,21 @@ class Engine:
         moved = self.target(pinfo.target_site).prune(pinfo, drop, keep)
         with self.state.session() as s:
             for p_id in drop_ids:
-                p = s.get(RecoveryPoint, p_id)
-                assert p is not None
-                p.state = "pruned"
+                dropped = s.get(RecoveryPoint, p_id)
+                assert dropped is not None
+                dropped.state = "pruned"
             for p_id, ref in moved.items():
-                p = s.get(RecoveryPoint, p_id)
-                assert p is not None
-                p.ref = ref
+                kept = s.get(RecoveryPoint, p_id)
+                assert kept is not None
+                kept.ref = ref
             self.state.log(s, "prune", f"pruned points {sorted(drop_ids)}", pinfo.id)
         return sorted(drop_ids)
 
     # ----------------------------------------------------------------- failover
 
-    def failover(self, vm_key: str, *, test: bool, point_id: int | None = None,
-                 network: str | None = None) -> Failover:
+    def failover(
+        self, vm_key: str, *, test: bool, point_id: int | None = None, network: str | None = None
+    ) -> Failover:
         """Start a VM at the target from a recovery point (the latest unless one is named)."""
         if not test:
             raise CapabilityNotSupported(
@@ -941,8 +943,12 @@ class Engine:
                 fo_id = fo.id
                 pinfo = protection_info(prot)
                 pt = point_info(point)
-                self.state.log(s, "failover", f"test failover of {prot.vm_name} from point "
-                               f"{point.id} started", prot.id)
+                self.state.log(
+                    s,
+                    "failover",
+                    f"test failover of {prot.vm_name} from point {point.id} started",
+                    prot.id,
+                )
             target = self.target(pinfo.target_site)
             try:
                 result = target.failover(pinfo, pt, test=test, network=network)

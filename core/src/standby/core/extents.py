@@ -32,9 +32,7 @@ def normalize(ranges: Iterable[tuple[int, int]]) -> Intervals:
 
 def align_out(ranges: Iterable[tuple[int, int]], size: int, block: int = BLOCK) -> Intervals:
     """Widen ranges to whole blocks, clamped to the disk size."""
-    return normalize(
-        ((s // block) * block, min(size, -(-e // block) * block)) for s, e in ranges
-    )
+    return normalize(((s // block) * block, min(size, -(-e // block) * block)) for s, e in ranges)
 
 
 def union(a: Intervals, b: Intervals) -> Intervals:

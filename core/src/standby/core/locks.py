@@ -24,10 +24,12 @@ class FileLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
-        except BlockingIOError:
+        except BlockingIOError as exc:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise Busy(f"{self.what} is already running (pid {holder}); retry later or use --wait")
+            raise Busy(
+                f"{self.what} is already running (pid {holder}); retry later or use --wait"
+            ) from exc
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self.fd = fd

@@ -50,7 +50,7 @@ def list_plugins() -> list[PluginStatus]:
             dist = ep.dist.name if ep.dist else "?"
             version = ep.dist.version if ep.dist else "?"
             try:
-                cls = _load(ep, base)  # type: ignore[type-abstract]
+                cls = _load(ep, base)
                 reason = cls.unavailable_reason()
             except PluginError as exc:
                 reason = str(exc)

@@ -32,8 +32,9 @@ MiB = 1 << 20
 
 
 def _point(pid: int, ref: dict[str, Any], vm: VMSpec) -> PointInfo:
-    return PointInfo(id=pid, created_at=datetime.now(UTC), ref=ref,
-                     disks={d.name: d.size for d in vm.disks})
+    return PointInfo(
+        id=pid, created_at=datetime.now(UTC), ref=ref, disks={d.name: d.size for d in vm.disks}
+    )
 
 
 class SourceContract:
@@ -108,8 +109,13 @@ class TargetContract:
         self, target: Target, contract_protection: ProtectionInfo
     ) -> None:
         assert target.validate(contract_protection.vm).ok
-        huge = VMSpec(id="huge", name="huge", cpus=1, memory_mib=64,
-                      disks=(DiskSpec(name="vda", size=target.capabilities.max_disk_size * 2),))
+        huge = VMSpec(
+            id="huge",
+            name="huge",
+            cpus=1,
+            memory_mib=64,
+            disks=(DiskSpec(name="vda", size=target.capabilities.max_disk_size * 2),),
+        )
         verdict = target.validate(huge)
         assert not verdict.ok and any("vda" in p for p in verdict.problems)
 

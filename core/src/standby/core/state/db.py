@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -31,7 +31,10 @@ def utcnow() -> datetime:
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        dict[str, Any]: JSON,
+        datetime: DateTime(timezone=True),
+    }
 
 
 class SiteRecord(Base):
@@ -217,9 +220,7 @@ class State:
 
     def protection(self, s: Session, key: str) -> Protection:
         """A protection by VM name, VM id or numeric id."""
-        stmt = select(Protection).where(
-            (Protection.vm_name == key) | (Protection.vm_id == key)
-        )
+        stmt = select(Protection).where((Protection.vm_name == key) | (Protection.vm_id == key))
         found = s.scalars(stmt).first()
         if found is None and key.isdigit():
             found = s.get(Protection, int(key))

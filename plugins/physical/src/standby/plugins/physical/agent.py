@@ -29,8 +29,11 @@ def _serve(uri: str, pipe: Connection) -> None:
     # libvirt's embedded driver logs to stderr; keep that in the root's log directory instead.
     root = parse_qs(urlparse(uri).query).get("root", ["/tmp"])[0]
     os.makedirs(os.path.join(root, "log"), exist_ok=True)
-    fd = os.open(os.path.join(root, "log", "standby-agent.log"),
-                 os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    fd = os.open(
+        os.path.join(root, "log", "standby-agent.log"),
+        os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+        0o600,
+    )
     os.dup2(fd, 2)
     os.close(fd)
     import libvirt
@@ -102,8 +105,9 @@ class Agent:
     def __init__(self, uri: str) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.pipe, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(uri, child), daemon=True,
-                                name="standby-libvirt-agent")
+        self.proc = ctx.Process(
+            target=_serve, args=(uri, child), daemon=True, name="standby-libvirt-agent"
+        )
         self.proc.start()
         child.close()
         self.lock = threading.Lock()
@@ -163,8 +167,7 @@ class Proxy:
             if self._handle == 0 and name == "close":
                 self._agent.close()
                 return 0
-            return self._agent.proxy(self._agent.request("call", self._handle, name,
-                                                         tuple(plain)))
+            return self._agent.proxy(self._agent.request("call", self._handle, name, tuple(plain)))
 
         return call
 

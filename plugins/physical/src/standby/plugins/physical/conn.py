@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlparse
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from standby.core.config import SecretRef, Site, SiteOptions, resolve_secret
 from standby.core.errors import (
     AuthError,
@@ -42,7 +42,7 @@ class PhysicalOptions(SiteOptions):
     domain_type: Literal["kvm", "qemu"] = "kvm"
     work_dir: str | None = None
     pool_dir: str | None = None
-    networks: dict[str, str] = {}
+    networks: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("uri")
     @classmethod

@@ -44,8 +44,9 @@ def create_vm(
     for dev, size, fmt in disks:
         path = disk_dir / f"{name}-{dev}.{fmt}"
         if not path.exists():
-            subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(path), str(size)],
-                           check=True)
+            subprocess.run(
+                ["qemu-img", "create", "-q", "-f", fmt, str(path), str(size)], check=True
+            )
         xml_disks.append(
             f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}'/>"
             f"<source file='{path}'/><target dev='{dev}' bus='virtio'/></disk>"
@@ -124,7 +125,8 @@ def images_equal(a: Path, b: Path, fmt_a: str = "qcow2", fmt_b: str = "qcow2") -
     images in use). Differing sizes compare equal only if the tail of the larger is zero."""
     proc = subprocess.run(
         ["qemu-img", "compare", "-U", "-f", fmt_a, "-F", fmt_b, str(a), str(b)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     if proc.returncode > 1:
         raise RuntimeError(f"qemu-img compare: {proc.stderr.strip()}")
@@ -134,9 +136,18 @@ def images_equal(a: Path, b: Path, fmt_a: str = "qcow2", fmt_b: str = "qcow2") -
 def has_pattern(path: Path, offset: int, length: int, pattern: int, fmt: str = "qcow2") -> bool:
     """Whether an image range is filled with one byte value (`qemu-io read -P`)."""
     proc = subprocess.run(
-        ["qemu-io", "-U", "-r", "-f", fmt, "-c", f"read -P {pattern:#x} {offset} {length}",
-         str(path)],
-        capture_output=True, text=True,
+        [
+            "qemu-io",
+            "-U",
+            "-r",
+            "-f",
+            fmt,
+            "-c",
+            f"read -P {pattern:#x} {offset} {length}",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
     )
     return proc.returncode == 0 and "verification failed" not in proc.stdout + proc.stderr
 
@@ -145,7 +156,9 @@ def read_range(path: Path, offset: int, length: int, fmt: str = "qcow2") -> byte
     """Guest-visible bytes of an image range (qemu-io, works on images in use)."""
     proc = subprocess.run(
         ["qemu-io", "-U", "-r", "-f", fmt, "-c", f"read -v {offset} {length}", str(path)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     out = bytearray()
     for line in proc.stdout.splitlines():
@@ -199,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
             disks = []
             for spec in args.disk or ["vda:256"]:
                 parts = spec.split(":")
-                disks.append((parts[0], int(parts[1]) << 20, parts[2] if len(parts) > 2 else
-                              "qcow2"))
+                disks.append(
+                    (parts[0], int(parts[1]) << 20, parts[2] if len(parts) > 2 else "qcow2")
+                )
             print(create_vm(conn, args.name, args.dir, disks))
         elif args.cmd == "write":
             guest_write(conn, args.name, args.dev, args.offset, args.length, args.pattern)

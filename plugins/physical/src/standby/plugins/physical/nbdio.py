@@ -89,7 +89,9 @@ def extents(h: Any, context: str, want: int, match: int) -> Iterator[tuple[int, 
     while offset < size:
         found: list[tuple[int, int]] = []
 
-        def cb(ctx: str, off: int, entries: list[int], _err: Any) -> int:
+        def cb(
+            ctx: str, off: int, entries: list[int], _err: Any, found: list[tuple[int, int]] = found
+        ) -> int:
             if ctx != context:
                 return 0
             pos = off

@@ -185,9 +185,8 @@ class PhysicalSource(Source):
                 f"<disk name='{disk.name}' backup='yes' type='file' {mode}>"
                 f"<scratch file='{path}'/></disk>"
             )
-            cp_disks.append(
-                f"<disk name='{disk.name}' checkpoint='{'bitmap' if disk.change_tracking else 'no'}'/>"
-            )
+            kind = "bitmap" if disk.change_tracking else "no"
+            cp_disks.append(f"<disk name='{disk.name}' checkpoint='{kind}'/>")
             if not disk.change_tracking:
                 notes.append(f"disk {disk.name} is {disk.format}: no change tracking, hash-compare")
         backup_xml = (
@@ -218,8 +217,14 @@ class PhysicalSource(Source):
                     dom.fsThaw(None, 0)
                 except libvirt.libvirtError:
                     notes.append("guest agent did not thaw filesystems")
-        backup = _Backup(dom=dom, pool=NbdPool(sock), exports={}, bitmaps={}, scratch=scratch,
-                         started_paused=started_paused)
+        backup = _Backup(
+            dom=dom,
+            pool=NbdPool(sock),
+            exports={},
+            bitmaps={},
+            scratch=scratch,
+            started_paused=started_paused,
+        )
         try:
             with lv.libvirt_errors(what):
                 desc = ET.fromstring(dom.backupGetXMLDesc(0))

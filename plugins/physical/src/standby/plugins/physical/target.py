@@ -65,8 +65,15 @@ def _virtual_size(path: Path) -> int:
 class PhysicalWriter(ReplicaWriter):
     """Writes one cycle's overlays through the appliance's NBD exports."""
 
-    def __init__(self, target: PhysicalTarget, pinfo: ProtectionInfo, cycle_id: int,
-                 files: dict[str, Path], dom: Any, pool: NbdPool) -> None:
+    def __init__(
+        self,
+        target: PhysicalTarget,
+        pinfo: ProtectionInfo,
+        cycle_id: int,
+        files: dict[str, Path],
+        dom: Any,
+        pool: NbdPool,
+    ) -> None:
         self.target = target
         self.pinfo = pinfo
         self.cycle_id = cycle_id
@@ -84,8 +91,9 @@ class PhysicalWriter(ReplicaWriter):
         try:
             self._h(disk).pwrite(data, offset)
         except nbd.Error as exc:
-            raise TransientError(f"replica of disk '{disk}': write at {offset} failed: {exc}") \
-                from exc
+            raise TransientError(
+                f"replica of disk '{disk}': write at {offset} failed: {exc}"
+            ) from exc
 
     def write_zeroes(self, disk: str, extent: Extent) -> None:
         nbd = nbd_module()
@@ -190,16 +198,17 @@ class PhysicalTarget(Target):
         problems: list[str] = []
         notes: list[str] = []
         if len(vm.disks) > self.capabilities.max_disks:
-            problems.append(f"{len(vm.disks)} disks; this target takes at most "
-                            f"{self.capabilities.max_disks}")
+            problems.append(
+                f"{len(vm.disks)} disks; this target takes at most {self.capabilities.max_disks}"
+            )
         for disk in vm.disks:
             if disk.size > self.capabilities.max_disk_size:
-                problems.append(f"disk {disk.name} is {disk.size >> 30} GiB; the limit is "
-                                f"{self.capabilities.max_disk_size >> 30} GiB")
+                problems.append(
+                    f"disk {disk.name} is {disk.size >> 30} GiB; the limit is "
+                    f"{self.capabilities.max_disk_size >> 30} GiB"
+                )
         pool = self.pool_root()
-        probe = pool if pool.exists() else next(
-            (p for p in pool.parents if p.exists()), Path("/")
-        )
+        probe = pool if pool.exists() else next((p for p in pool.parents if p.exists()), Path("/"))
         st = os.statvfs(probe)
         free = st.f_bavail * st.f_frsize
         need = sum(d.size for d in vm.disks)
@@ -240,7 +249,9 @@ class PhysicalTarget(Target):
             raise PluginError(f"replica appliance: {command}: {reply['error'].get('desc')}")
         return reply.get("return")
 
-    def _start_appliance(self, pinfo: ProtectionInfo, files: dict[str, Path]) -> tuple[Any, NbdPool]:
+    def _start_appliance(
+        self, pinfo: ProtectionInfo, files: dict[str, Path]
+    ) -> tuple[Any, NbdPool]:
         libvirt = lv.libvirt_module()
         name = self.appliance_name(pinfo)
         self._destroy(name)
@@ -254,15 +265,27 @@ class PhysicalTarget(Target):
         sock = self.opts.work_path() / f"replica-{pinfo.id}.sock"
         sock.unlink(missing_ok=True)
         try:
-            self._qmp(dom, "nbd-server-start",
-                      addr={"type": "unix", "data": {"path": str(sock)}})
+            self._qmp(dom, "nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}})
             for disk, path in files.items():
                 node = f"replica-{disk}"
                 # Opened by QEMU itself (no guest device), backing chain from the qcow2 header.
-                self._qmp(dom, "blockdev-add", driver="qcow2", **{"node-name": node},
-                          discard="unmap", file={"driver": "file", "filename": str(path)})
-                self._qmp(dom, "block-export-add", type="nbd", id=f"export-{disk}",
-                          **{"node-name": node}, name=disk, writable=True)
+                self._qmp(
+                    dom,
+                    "blockdev-add",
+                    driver="qcow2",
+                    **{"node-name": node},
+                    discard="unmap",
+                    file={"driver": "file", "filename": str(path)},
+                )
+                self._qmp(
+                    dom,
+                    "block-export-add",
+                    type="nbd",
+                    id=f"export-{disk}",
+                    **{"node-name": node},
+                    name=disk,
+                    writable=True,
+                )
         except BaseException:
             with suppress(libvirt.libvirtError):
                 dom.destroy()
@@ -344,8 +367,18 @@ class PhysicalTarget(Target):
                     _qemu_img("commit", "-q", "-f", "qcow2", "-d", str(child))
                     if idx + 2 < len(chain):
                         grandchild = Path(refs[chain[idx + 2]]["files"][disk])
-                        _qemu_img("rebase", "-q", "-u", "-f", "qcow2", "-b", str(mine),
-                                  "-F", "qcow2", str(grandchild))
+                        _qemu_img(
+                            "rebase",
+                            "-q",
+                            "-u",
+                            "-f",
+                            "qcow2",
+                            "-b",
+                            str(mine),
+                            "-F",
+                            "qcow2",
+                            str(grandchild),
+                        )
                     child.unlink()
                 elif not mine.exists():
                     raise PluginError(f"replica file {mine} of point {pid} is missing")
@@ -428,8 +461,18 @@ class PhysicalTarget(Target):
                 raise PluginError(f"point {point.id} has no replica of disk {disk.name}")
             overlay = fdir / f"{disk.name}.qcow2"
             overlay.unlink(missing_ok=True)
-            _qemu_img("create", "-q", "-f", "qcow2", "-b", files[disk.name], "-F", "qcow2",
-                      str(overlay), str(point.disks.get(disk.name, disk.size)))
+            _qemu_img(
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                files[disk.name],
+                "-F",
+                "qcow2",
+                str(overlay),
+                str(point.disks.get(disk.name, disk.size)),
+            )
             disks_xml.append(
                 f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
                 f"<source file='{overlay}'/><target dev='{disk.name}' bus='{bus_for(disk.name)}'/>"
@@ -455,7 +498,7 @@ class PhysicalTarget(Target):
             ref={"domain": name, "dir": str(fdir), "console": str(console)},
             vm_name=name,
             summary=f"{name} running at '{self.site.name}' from point {point.id} "
-                    f"(isolated network, source untouched)",
+            f"(isolated network, source untouched)",
         )
 
     def _os_xml(self, vm: VMSpec) -> str:
@@ -488,4 +531,3 @@ class PhysicalTarget(Target):
         self._destroy(self.appliance_name(protection))
         self.cleanup_test(protection, {})
         shutil.rmtree(self.vm_dir(protection), ignore_errors=True)
-
