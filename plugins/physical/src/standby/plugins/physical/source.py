@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from standby.core.config import Site
-from standby.core.errors import NotFound, PluginError, StandbyError
+from standby.core.errors import NotFound, PluginError, StandbyError, TransientError
 from standby.core.interfaces import Snapshot, Source, SourceCapabilities
 from standby.core.model import Consistency, Extent, VMSpec
 from standby.plugins.physical import conn as lv
@@ -133,13 +134,22 @@ class PhysicalSource(Source):
                     cp.delete(0)
 
     def _abort_stale_backup(self, dom: Any) -> None:
+        """End a backup job left by a killed run (its export and scratch files go with it)."""
         libvirt = lv.libvirt_module()
-        try:
-            dom.backupGetXMLDesc(0)
-        except libvirt.libvirtError:
-            return
-        with suppress(libvirt.libvirtError):
-            dom.abortJob()
+        deadline = time.monotonic() + 30
+        aborted = False
+        while True:
+            try:
+                dom.backupGetXMLDesc(0)
+            except libvirt.libvirtError:
+                return
+            if not aborted:
+                with suppress(libvirt.libvirtError):
+                    dom.abortJob()
+                aborted = True
+            if time.monotonic() > deadline:
+                raise TransientError(f"a stale backup job on {dom.name()} does not end")
+            time.sleep(0.1)
 
     @contextmanager
     def open_snapshot(
