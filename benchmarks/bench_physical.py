@@ -27,6 +27,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
 from standby.plugins.physical import lab
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30

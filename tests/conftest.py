@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from support.labenv import Lab, kill_qemu, write_site
 
 

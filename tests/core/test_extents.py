@@ -6,6 +6,7 @@ import random
 
 from hypothesis import given
 from hypothesis import strategies as st
+
 from standby.core.extents import (
     BLOCK,
     UNKNOWN_DIGEST,

@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from standby.core.config import Policy
 from support.guest import GuestConsole, build_guest, guest_domain_xml
 from support.labenv import REPO, Lab, MiB

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
+
 from standby.core.config import Policy
 from standby.core.errors import CapabilityNotSupported
 from standby.core.state import RecoveryPoint

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from standby.core.config import Site
 from standby.core.model import DiskSpec, NicSpec, PointInfo, ProtectionInfo, VMSpec
 from standby.core.testing import SourceContract, TargetContract

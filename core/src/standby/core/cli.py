@@ -27,6 +27,7 @@ from rich.progress import (
 )
 from rich.table import Table
 from sqlalchemy import select
+
 from standby.core import config, plugins
 from standby.core.engine import CycleReport, due, opened, status_rows
 from standby.core.errors import ConfigError, StandbyError

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+
 from standby.core.errors import AuthError, ConfigError, NotFound
 
 SECRET_RE = re.compile(r"^(env|file|keyring):(.+)$")

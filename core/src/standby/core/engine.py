@@ -22,6 +22,13 @@ from typing import Any, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from tenacity import (
+    retry,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
+
 from standby.core import plugins
 from standby.core.config import Policy, Site, get_site
 from standby.core.errors import (
@@ -66,12 +73,6 @@ from standby.core.state import (
     RecoveryPoint,
     SiteRecord,
     State,
-)
-from tenacity import (
-    retry,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential,
 )
 
 UNIT = 4 << 20

@@ -23,6 +23,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
 from standby.core.errors import NotFound
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from alembic import context
+
 from standby.core.state.db import Base
 
 connection = context.config.attributes.get("connection")

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qs, urlparse
 
 from pydantic import Field, field_validator
+
 from standby.core.config import SecretRef, Site, SiteOptions, resolve_secret
 from standby.core.errors import (
     AuthError,
