@@ -123,3 +123,37 @@ def test_source_vm_deleted_while_protected(labenv: Lab) -> None:
     row = next(r for r in status if r["vm"] == "gone1")
     assert row["health"] == "source-missing" and row["points"] == 1
     assert len(json.loads(env.cli("points", "gone1", "--json", check=True).stdout)) == 1
+
+
+def test_watch_keeps_replicating_and_stops_cleanly_on_interrupt(labenv: Lab) -> None:
+    env = labenv
+    env.create_vm("watch1", [("vda", 16 * MiB, "qcow2")])
+    env.write("watch1", "vda", 0, MiB, 0x3C)
+    env.cli("protect", "watch1", "--from", "src", "--to", "dr", "--rpo", "10s", check=True)
+    proc = subprocess.Popen(
+        [*STANDBY, "replicate", "--watch", "--interval", "1"],
+        env={**os.environ, "STANDBY_HOME": str(env.home)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 90
+    db = env.home / "state.db"
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        conn = sqlite3.connect(db)
+        (n,) = conn.execute(
+            "select count(*) from recovery_points p join protections r on r.id = p.protection_id"
+            " where r.vm_name = 'watch1'"
+        ).fetchone()
+        conn.close()
+        if n >= 2:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert n >= 2, (out, err)
+    assert proc.returncode == 130, (out, err)
+    assert "interrupted" in err
+    status = json.loads(env.cli("status", "--json", check=True).stdout)
+    row = next(r for r in status if r["vm"] == "watch1")
+    assert row["points"] >= 2

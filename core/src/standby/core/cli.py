@@ -340,8 +340,26 @@ def replicate(
     as_json: JsonOpt = False,
 ) -> None:
     """Run a replication cycle (the first one is the initial full sync)."""
-    failures = 0
     reports: list[dict[str, Any]] = []
+    try:
+        _replicate_loop(vm, watch, interval, wait, as_json, reports)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; the next run resumes where this one stopped\n")
+        raise typer.Exit(130) from None
+    if as_json:
+        emit(reports)
+    if any(r.get("error") for r in reports):
+        raise typer.Exit(1)
+
+
+def _replicate_loop(
+    vm: str | None,
+    watch: bool,
+    interval: float,
+    wait: bool,
+    as_json: bool,
+    reports: list[dict[str, Any]],
+) -> None:
     with opened(home(), BarProgress() if not as_json else None, wait_for_lock=wait) as engine:
         while True:
             if vm:
@@ -362,17 +380,13 @@ def replicate(
                         for note in r.notes:
                             out.print(f"  note: {note}")
                 except StandbyError as exc:
-                    failures += 1
                     if not watch and (vm or len(names) == 1):
                         raise
-                    err.print(f"[red]error[/]: {exc}")
+                    reports.append({"vm": name, "error": str(exc)})
+                    sys.stderr.write(f"error: {name}: {' '.join(str(exc).split())}\n")
             if not watch:
                 break
             time.sleep(interval)
-    if as_json:
-        emit(reports)
-    if failures:
-        raise typer.Exit(1)
 
 
 @app.command("status")
