@@ -225,25 +225,24 @@ class Engine:
     def site(self, name: str) -> Site:
         return get_site(name, self.home)
 
-    def source(self, site_name: str) -> Source:
-        key = (site_name, "source")
+    def _plugin(self, site_name: str, role: str) -> Source | Target:
+        """The connected plugin for a site in a role, opened once per engine."""
+        key = (site_name, role)
         if key not in self._plugins:
             site = self.site(site_name)
-            plugin = plugins.source_class(site.plugin)(site)
+            cls = plugins.source_class if role == "source" else plugins.target_class
+            plugin = cls(site.plugin)(site)
             plugin.connect()
             self._plugins[key] = plugin
-        found = self._plugins[key]
+        return self._plugins[key]
+
+    def source(self, site_name: str) -> Source:
+        found = self._plugin(site_name, "source")
         assert isinstance(found, Source)
         return found
 
     def target(self, site_name: str) -> Target:
-        key = (site_name, "target")
-        if key not in self._plugins:
-            site = self.site(site_name)
-            plugin = plugins.target_class(site.plugin)(site)
-            plugin.connect()
-            self._plugins[key] = plugin
-        found = self._plugins[key]
+        found = self._plugin(site_name, "target")
         assert isinstance(found, Target)
         return found
 

@@ -198,6 +198,27 @@ def qemu_monitor(dom: Any, command: str, flags: int = 0) -> str:
     return str(libvirt_qemu.qemuMonitorCommand(dom, command, flags))
 
 
+class LibvirtPlugin:
+    """Connection handling shared by the physical source and target."""
+
+    site: Site
+    opts: PhysicalOptions
+    conn: Any = None
+
+    def connect(self) -> None:
+        if self.conn is None:
+            quiet_libvirt()
+            self.conn = open_connection(self.site, self.opts)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:  # closing a dead connection is fine
+                pass
+            self.conn = None
+
+
 def quiet_libvirt() -> None:
     """Stop libvirt from printing errors to stderr: standby reports them itself."""
     libvirt = libvirt_module()

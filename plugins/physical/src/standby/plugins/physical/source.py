@@ -45,7 +45,7 @@ class _Backup:
     started_paused: bool = False
 
 
-class PhysicalSource(Source):
+class PhysicalSource(lv.LibvirtPlugin, Source):
     """Domains of a libvirt host (a physical server stand-in, or a KVM host)."""
 
     plugin_name = "physical"
@@ -61,19 +61,6 @@ class PhysicalSource(Source):
     @classmethod
     def unavailable_reason(cls) -> str | None:
         return lv.unavailable_reason()
-
-    def connect(self) -> None:
-        if self.conn is None:
-            lv.quiet_libvirt()
-            self.conn = lv.open_connection(self.site, self.opts)
-
-    def close(self) -> None:
-        if self.conn is not None:
-            try:
-                self.conn.close()
-            except Exception:  # closing a dead connection is fine
-                pass
-            self.conn = None
 
     def check(self) -> list[str]:
         self.connect()

@@ -120,7 +120,7 @@ class PhysicalWriter(ReplicaWriter):
         return {"files": {d: str(p) for d, p in self.files.items()}, "cycle": self.cycle_id}
 
 
-class PhysicalTarget(Target):
+class PhysicalTarget(lv.LibvirtPlugin, Target):
     """A libvirt host (embedded or local daemon) keeping replicas in a directory."""
 
     plugin_name = "physical"
@@ -152,17 +152,7 @@ class PhysicalTarget(Target):
                 f"site '{self.site.name}': remote libvirt targets are not supported yet; "
                 "run standby on the DR host (qemu:///system or qemu:///embed)"
             )
-        if self.conn is None:
-            lv.quiet_libvirt()
-            self.conn = lv.open_connection(self.site, self.opts)
-
-    def close(self) -> None:
-        if self.conn is not None:
-            try:
-                self.conn.close()
-            except Exception:  # closing a dead connection is fine
-                pass
-            self.conn = None
+        super().connect()
 
     def check(self) -> list[str]:
         self.connect()
