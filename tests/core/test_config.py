@@ -85,3 +85,14 @@ def test_policy_files_and_durations(tmp_path: Path) -> None:
         load_policy("silver", tmp_path)
     with pytest.raises(ConfigError, match="at least 1"):
         Policy(retain_count=0).checked()
+
+
+def test_schema_head_constant_matches_alembic() -> None:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from standby.core.state.db import MIGRATIONS, SCHEMA_HEAD
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    assert ScriptDirectory.from_config(cfg).get_current_head() == SCHEMA_HEAD

@@ -9,7 +9,9 @@ of the pipe closes, so a killed standby process never leaves a root locked.
 from __future__ import annotations
 
 import itertools
-import multiprocessing
+import socket
+import subprocess
+import sys
 import threading
 from multiprocessing.connection import Connection
 from typing import Any
@@ -100,18 +102,21 @@ def _serve(uri: str, pipe: Connection) -> None:
 
 
 class Agent:
-    """Parent side: the child process and the lock around its pipe."""
+    """Parent side: the child process (a bare `python -m ...agent`, so it imports nothing of
+    the CLI) and the lock around its pipe. Readiness is checked on first use, so several
+    roots open in parallel."""
 
     def __init__(self, uri: str) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.pipe, child = ctx.Pipe()
-        self.proc = ctx.Process(
-            target=_serve, args=(uri, child), daemon=True, name="standby-libvirt-agent"
+        parent, child = socket.socketpair()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "standby.plugins.physical.agent", uri, str(child.fileno())],
+            pass_fds=(child.fileno(),),
+            stdin=subprocess.DEVNULL,
         )
-        self.proc.start()
         child.close()
+        self.pipe = Connection(parent.detach())
         self.lock = threading.Lock()
-        self._check(self.pipe.recv())
+        self.ready = False
 
     @staticmethod
     def _check(reply: tuple[str, Any]) -> Any:
@@ -126,14 +131,21 @@ class Agent:
             raise exc
         raise RuntimeError(value)
 
+    def _recv(self) -> Any:
+        try:
+            return self._check(self.pipe.recv())
+        except (EOFError, OSError):
+            import libvirt
+
+            return self._check(("err", (libvirt.VIR_ERR_NO_CONNECT, "libvirt agent exited")))
+
     def request(self, op: str, target: int, name: str, args: tuple[Any, ...]) -> Any:
         with self.lock:
-            if not self.proc.is_alive():
-                import libvirt
-
-                self._check(("err", (libvirt.VIR_ERR_NO_CONNECT, "libvirt agent process exited")))
+            if not self.ready:
+                self._recv()
+                self.ready = True
             self.pipe.send((op, target, name, args))
-            return self._check(self.pipe.recv())
+            return self._recv()
 
     def proxy(self, value: Any) -> Any:
         if isinstance(value, tuple) and len(value) == 2 and value[0] == "__obj__":
@@ -146,9 +158,11 @@ class Agent:
         try:
             self.pipe.close()
         finally:
-            self.proc.join(timeout=10)
-            if self.proc.is_alive():
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
 
 
 class Proxy:
@@ -179,3 +193,7 @@ class Proxy:
 def open_embedded(uri: str) -> Proxy:
     """A proxy for `libvirt.open(uri)` living in a dedicated child process."""
     return Proxy(Agent(uri), 0)
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1], Connection(int(sys.argv[2])))

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -239,67 +240,82 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
             raise PluginError(f"replica appliance: {command}: {reply['error'].get('desc')}")
         return reply.get("return")
 
-    def _start_appliance(
-        self, pinfo: ProtectionInfo, files: dict[str, Path]
-    ) -> tuple[Any, NbdPool]:
+    def _appliance(self, pinfo: ProtectionInfo) -> tuple[Any, Path]:
+        """The protection's replica appliance: a paused, device-less QEMU kept between cycles
+        (starting and stopping one costs ~2 s), with its NBD server up and nothing open."""
         libvirt = lv.libvirt_module()
         name = self.appliance_name(pinfo)
-        self._destroy(name)
-        xml = (
-            f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>32</memory>"
-            "<vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os>"
-            "<devices><memballoon model='none'/></devices></domain>"
-        )
-        with lv.libvirt_errors(f"target '{self.site.name}': replica appliance"):
-            dom = self.conn.createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
         sock = self.opts.work_path() / f"replica-{pinfo.id}.sock"
-        sock.unlink(missing_ok=True)
-        try:
+        dom = None
+        with suppress(libvirt.libvirtError):
+            found = self.conn.lookupByName(name)
+            if found.isActive():
+                dom = found
+        if dom is not None:
+            try:
+                self._close_nodes(dom)
+            except StandbyError:
+                self._destroy(name)
+                dom = None
+        if dom is None:
+            xml = (
+                f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>32</memory>"
+                "<vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os>"
+                "<devices><memballoon model='none'/></devices></domain>"
+            )
+            with lv.libvirt_errors(f"target '{self.site.name}': replica appliance"):
+                dom = self.conn.createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
+            sock.unlink(missing_ok=True)
             self._qmp(dom, "nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}})
-            for disk, path in files.items():
-                node = f"replica-{disk}"
-                # Opened by QEMU itself (no guest device), backing chain from the qcow2 header.
-                self._qmp(
-                    dom,
-                    "blockdev-add",
-                    driver="qcow2",
-                    **{"node-name": node},
-                    discard="unmap",
-                    file={"driver": "file", "filename": str(path)},
-                )
-                self._qmp(
-                    dom,
-                    "block-export-add",
-                    type="nbd",
-                    id=f"export-{disk}",
-                    **{"node-name": node},
-                    name=disk,
-                    writable=True,
-                )
-        except BaseException:
-            with suppress(libvirt.libvirtError):
-                dom.destroy()
-            raise
-        return dom, NbdPool(sock, writable=True)
+        return dom, sock
+
+    def _close_nodes(self, dom: Any) -> None:
+        """Remove every export and replica node (flushing and closing their files)."""
+        for export in self._qmp(dom, "query-block-exports") or []:
+            with suppress(PluginError):
+                self._qmp(dom, "block-export-del", id=export["id"], mode="hard")
+        deadline = time.monotonic() + 10
+        while self._qmp(dom, "query-block-exports"):
+            if time.monotonic() > deadline:
+                raise PluginError("replica appliance: exports do not go away")
+            time.sleep(0.02)
+        for node in self._qmp(dom, "query-named-block-nodes", flat=True) or []:
+            if str(node.get("node-name", "")).startswith("replica-"):
+                self._qmp(dom, "blockdev-del", **{"node-name": node["node-name"]})
+
+    def _open_nodes(self, dom: Any, files: dict[str, Path]) -> None:
+        for disk, path in files.items():
+            node = f"replica-{disk}"
+            # Opened by QEMU itself (no guest device), backing chain from the qcow2 header.
+            self._qmp(
+                dom,
+                "blockdev-add",
+                driver="qcow2",
+                **{"node-name": node},
+                discard="unmap",
+                file={"driver": "file", "filename": str(path)},
+            )
+            self._qmp(
+                dom,
+                "block-export-add",
+                type="nbd",
+                id=f"export-{disk}",
+                **{"node-name": node},
+                name=disk,
+                writable=True,
+            )
 
     def _stop_appliance(self, pinfo: ProtectionInfo, dom: Any, pool: NbdPool) -> None:
+        """End a cycle's session: flush and close the overlays; the appliance stays up."""
         pool.close()
-        libvirt = lv.libvirt_module()
-        with suppress(StandbyError):
-            self._qmp(dom, "nbd-server-stop")
-        with suppress(StandbyError):
-            # Closing the nodes flushes and releases the files; `quit` then ends QEMU at once
-            # (a plain destroy waits ~1.5 s for SIGTERM handling).
-            self._qmp(dom, "quit")
-        with suppress(libvirt.libvirtError):
-            dom.destroy()
-        pool.socket.unlink(missing_ok=True)
+        self._close_nodes(dom)
 
     @contextmanager
     def open_writer(
         self, protection: ProtectionInfo, cycle_id: int, base: PointInfo | None
     ) -> Iterator[ReplicaWriter]:
         self.prepare(protection)
+        dom, sock = self._appliance(protection)
         files: dict[str, Path] = {}
         base_files: dict[str, str] = dict(base.ref.get("files", {})) if base else {}
         for disk in protection.vm.disks:
@@ -315,9 +331,10 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
             elif _virtual_size(path) < disk.size:
                 _qemu_img("resize", "-q", "-f", "qcow2", str(path), str(disk.size))
             files[disk.name] = path
-        dom, pool = self._start_appliance(protection, files)
+        pool = NbdPool(sock, writable=True)
         writer = PhysicalWriter(self, protection, cycle_id, files, dom, pool)
         try:
+            self._open_nodes(dom, files)
             yield writer
         finally:
             if not writer.committed:
