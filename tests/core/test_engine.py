@@ -19,6 +19,7 @@ from standby.core.engine import Engine
 from standby.core.errors import TransientError
 from standby.core.extents import BLOCK
 from standby.core.interfaces import (
+    Buffer,
     ReplicaWriter,
     Snapshot,
     Source,
@@ -112,7 +113,7 @@ class MemWriter(ReplicaWriter):
         self.t = target
         self.cycle = cycle
 
-    def write(self, disk: str, offset: int, data: bytes) -> None:
+    def write(self, disk: str, offset: int, data: Buffer) -> None:
         if self.t.fail_after is not None:
             if self.t.fail_after <= 0:
                 raise TransientError("target went away")

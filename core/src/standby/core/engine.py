@@ -199,7 +199,6 @@ class Engine:
         self.progress = progress or NullProgress()
         self.workers = workers
         self.wait_for_lock = wait_for_lock
-        self._reported_bytes = 0
         self._plugins: dict[tuple[str, str], Source | Target] = {}
         self.crash_after_units: int | None = _env_int("STANDBY_TEST_CRASH_AFTER_UNITS")
 
@@ -574,7 +573,8 @@ class Engine:
         workers = self.workers or max(
             1, min(source.capabilities.max_parallel_reads, target.capabilities.max_parallel_writes)
         )
-        stats = {"read": 0, "written": 0, "zeroed": 0, "units": 0}
+        stats = {"read": 0, "written": 0, "zeroed": 0, "units": 0, "progress": 0}
+        reported = 0
         lock = threading.Lock()
         throttle = Throttle(policy.bandwidth_mbps)
         read = _retry(source.read)
@@ -583,7 +583,6 @@ class Engine:
         todo = [(j, i) for j in jobs for i in range(len(j.units))]
         self.progress.start(f"{vm_name}: copying", sum(total(j.plan) for j in jobs))
         self.progress.advance(sum(total(j.done_before) for j in jobs))
-        self._reported_bytes = 0
 
         def work(job: _DiskJob, index: int) -> None:
             start, end = job.units[index]
@@ -615,7 +614,7 @@ class Engine:
                     zeroed += re_ - rs
                 else:
                     throttle.consume(re_ - rs)
-                    write(job.name, rs, bytes(view[rs - start : re_ - start]))
+                    write(job.name, rs, view[rs - start : re_ - start])
                     written += re_ - rs
             with lock:
                 for idx, digest in digests:
@@ -626,6 +625,7 @@ class Engine:
                 stats["written"] += written
                 stats["zeroed"] += zeroed
                 stats["units"] += 1
+                stats["progress"] += end - start
 
         last_checkpoint = time.monotonic()
         pending: set[Future[None]] = set()
@@ -645,7 +645,10 @@ class Engine:
                     finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
                     for fut in finished:
                         fut.result()
-                    self._advance_progress(jobs)
+                    with lock:
+                        now_done = stats["progress"]
+                    self.progress.advance(now_done - reported)
+                    reported = now_done
                     if (
                         self.crash_after_units is not None
                         and stats["units"] >= self.crash_after_units
@@ -668,12 +671,6 @@ class Engine:
         self._checkpoint(cycle_id, writer, jobs, lock)
         self.progress.finish()
         return stats
-
-    def _advance_progress(self, jobs: list[_DiskJob]) -> None:
-        done = sum(e - s for j in jobs for k, (s, e) in enumerate(j.units) if j.done[k])
-        if done > self._reported_bytes:
-            self.progress.advance(done - self._reported_bytes)
-        self._reported_bytes = done
 
     def _checkpoint(
         self, cycle_id: int, writer: ReplicaWriter, jobs: list[_DiskJob], lock: threading.Lock
@@ -715,17 +712,28 @@ class Engine:
         if policy.verify == "none":
             return
         bad: dict[str, Intervals] = {}
+        work: list[tuple[_DiskJob, int, int]] = []
         for job in jobs:
             ranges = split(normalize(job.written), UNIT)
             if policy.verify == "sample" and ranges:
                 rng = random.Random(cycle_id)
                 ranges = sorted(rng.sample(ranges, max(1, min(len(ranges), 16))))
-            for start, end in ranges:
-                data = writer.read(job.name, Extent(start, end - start))
-                for off in range(start, end, BLOCK):
-                    blk = data[off - start : min(end, off + BLOCK) - start]
-                    if block_digest(blk) != job.manifest.get(off // BLOCK):
-                        bad.setdefault(job.name, []).append((off, off + len(blk)))
+            work += [(job, start, end) for start, end in ranges]
+
+        def check(item: tuple[_DiskJob, int, int]) -> list[tuple[str, int, int]]:
+            job, start, end = item
+            data = memoryview(writer.read(job.name, Extent(start, end - start)))
+            wrong = []
+            for off in range(start, end, BLOCK):
+                blk = data[off - start : min(end, off + BLOCK) - start]
+                if block_digest(blk) != job.manifest.get(off // BLOCK):
+                    wrong.append((job.name, off, off + len(blk)))
+            return wrong
+
+        with ThreadPoolExecutor(max_workers=self.workers or 4) as pool:
+            for wrong in pool.map(check, work):
+                for name, off, end in wrong:
+                    bad.setdefault(name, []).append((off, end))
         if bad:
             lock = threading.Lock()
             for job in jobs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Iterable
 
@@ -12,7 +13,6 @@ BLOCK = 64 * 1024
 DIGEST = 16
 ZERO_DIGEST = bytes(DIGEST)
 UNKNOWN_DIGEST = b"\xff" * DIGEST
-_ZEROS = bytes(BLOCK)
 
 Intervals = list[tuple[int, int]]
 """Sorted, non-overlapping, non-adjacent half-open [start, end) byte ranges."""
@@ -88,12 +88,18 @@ def unpack(blob: bytes) -> Intervals:
     ]
 
 
-def block_digest(data: bytes | memoryview) -> bytes:
-    """Checksum of one block; all-zero blocks (of any length) get ZERO_DIGEST."""
-    raw = bytes(data)  # bytes == bytes is a memcmp; memoryview == bytes is far slower
-    if raw == (_ZEROS if len(raw) == BLOCK else bytes(len(raw))):
-        return ZERO_DIGEST
-    return blake3.blake3(raw).digest(DIGEST)
+@functools.lru_cache(maxsize=64)
+def _zero_digest_of(length: int) -> bytes:
+    return blake3.blake3(bytes(length)).digest(DIGEST)
+
+
+def block_digest(data: bytes | bytearray | memoryview) -> bytes:
+    """Checksum of one block; all-zero blocks (of any length) get ZERO_DIGEST.
+
+    Zero blocks are recognised by their BLAKE3 digest, so no block is copied or compared.
+    """
+    digest = blake3.blake3(data).digest(DIGEST)
+    return ZERO_DIGEST if digest == _zero_digest_of(len(data)) else digest
 
 
 class Manifest:

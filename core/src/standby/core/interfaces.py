@@ -26,6 +26,9 @@ from standby.core.model import (
     VMSpec,
 )
 
+Buffer = bytes | bytearray | memoryview
+"""What writers accept: the engine hands out slices of its read buffers without copying."""
+
 
 @dataclass(frozen=True)
 class SourceCapabilities:
@@ -164,7 +167,7 @@ class ReplicaWriter(ABC):
     """
 
     @abstractmethod
-    def write(self, disk: str, offset: int, data: bytes) -> None:
+    def write(self, disk: str, offset: int, data: Buffer) -> None:
         """Write bytes at offset (aligned to the target's alignment)."""
 
     @abstractmethod

@@ -29,7 +29,7 @@ from standby.core.errors import (
     StandbyError,
     TransientError,
 )
-from standby.core.interfaces import ReplicaWriter, Target, TargetCapabilities
+from standby.core.interfaces import Buffer, ReplicaWriter, Target, TargetCapabilities
 from standby.core.model import (
     Extent,
     FailoverResult,
@@ -87,7 +87,7 @@ class PhysicalWriter(ReplicaWriter):
     def _h(self, disk: str) -> Any:
         return self.pool.handle(disk)
 
-    def write(self, disk: str, offset: int, data: bytes) -> None:
+    def write(self, disk: str, offset: int, data: Buffer) -> None:
         nbd = nbd_module()
         try:
             self._h(disk).pwrite(data, offset)
