@@ -189,6 +189,33 @@ def qemu_img_convert(src: Path, dst: Path, rounds: int = 3) -> dict[str, dict[st
     return {k: {"seconds": statistics.median(v), "runs": v} for k, v in runs.items()}
 
 
+def nbdcopy_reference(src: Path, work: Path, size: int) -> dict[str, Any]:
+    """`nbdcopy` from a qemu-nbd export of the raw master (same bytes as the source disk, which
+    the running VM locks) into a qemu-nbd export of a new qcow2: the same architecture as
+    standby (NBD export at the source, NBD writes into a qcow2 at the target), without
+    standby. Sparse-aware like standby (holes and zeroes skipped)."""
+    dst, a, b = work / "nbdcopy.qcow2", work / "nbd-src.sock", work / "nbd-dst.sock"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(dst), str(size)])
+    servers = [
+        subprocess.Popen(["qemu-nbd", "-r", "-e", "8", "-f", "raw", "-k", str(a), str(src)]),
+        subprocess.Popen(["qemu-nbd", "-e", "8", "-f", "qcow2", "-k", str(b), str(dst)]),
+    ]
+    try:
+        deadline = time.monotonic() + 30
+        while not (a.exists() and b.exists()):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in servers):
+                raise RuntimeError("qemu-nbd did not start")
+            time.sleep(0.05)
+        seconds, _ = timed(["nbdcopy", f"nbd+unix:///?socket={a}", f"nbd+unix:///?socket={b}"])
+    finally:
+        for proc in servers:
+            proc.terminate()
+            proc.wait()
+    equal = lab.images_equal(src, dst, "raw", "qcow2")
+    dst.unlink()
+    return {"seconds": seconds, "equal": equal}
+
+
 def dir_bytes(path: Path) -> int:
     """Total size of the files under a directory."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -265,6 +292,7 @@ def bench(work: Path, size: int, console: Console) -> dict[str, Any]:
         console.log("initial sync: standby, qemu-img convert (default, -W), restic backup")
         full = sb.replicate()
         qi = qemu_img_convert(disk, work / "copy.qcow2")
+        nc = nbdcopy_reference(raw, work, size)
         run(["restic", "init"], renv)
         restic_first = restic_backup(renv, repo, raw)
         changes = pick_changes(size)
@@ -294,6 +322,8 @@ def bench(work: Path, size: int, console: Console) -> dict[str, Any]:
             "standby": full,
             **{k: v | {"mib_s": mibs(alloc, v["seconds"])} for k, v in qi.items()},
             "restic_first_backup": restic_first,
+            "nbdcopy_nbd_to_nbd": nc | {"mib_s": mibs(alloc, nc["seconds"])},
+            "speed_ratio_vs_nbdcopy_report": round(nc["seconds"] / full["seconds"], 3),
             "speed_ratio_wall": round(qi_s / full["wall_seconds"], 3),
             "speed_ratio_report": round(qi_s / full["seconds"], 3),
         },

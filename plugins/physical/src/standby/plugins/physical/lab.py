@@ -106,18 +106,19 @@ def guest_discard(c: Any, name: str, dev: str, offset: int, length: int) -> None
 
 
 def destroy_vm(c: Any, name: str) -> None:
+    """Stop and undefine a domain; a domain that is (or just went) away is fine."""
     libvirt = lv.libvirt_module()
     try:
         dom = c.lookupByName(name)
-    except libvirt.libvirtError:
-        return
-    if dom.isActive():
-        try:
+        if dom.isActive():
             dom.destroy()
-        except libvirt.libvirtError:
-            if dom.isActive():
-                raise
-    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() not in (
+            libvirt.VIR_ERR_NO_DOMAIN,
+            libvirt.VIR_ERR_OPERATION_INVALID,
+        ):
+            raise
 
 
 def images_equal(a: Path, b: Path, fmt_a: str = "qcow2", fmt_b: str = "qcow2") -> bool:

@@ -213,6 +213,11 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
         return Validation(problems=problems, size=f"{vm.cpus}vcpu-{vm.memory_mib}MiB", notes=notes)
 
     def prepare(self, protection: ProtectionInfo) -> None:
+        """The replica directory, and the replica appliance (so the first cycle finds it up)."""
+        self._dirs(protection)
+        self._appliance(protection)
+
+    def _dirs(self, protection: ProtectionInfo) -> None:
         self.vm_dir(protection).mkdir(parents=True, exist_ok=True)
         self.opts.work_path().mkdir(parents=True, exist_ok=True)
 
@@ -314,7 +319,7 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
     def open_writer(
         self, protection: ProtectionInfo, cycle_id: int, base: PointInfo | None
     ) -> Iterator[ReplicaWriter]:
-        self.prepare(protection)
+        self._dirs(protection)
         dom, sock = self._appliance(protection)
         files: dict[str, Path] = {}
         base_files: dict[str, str] = dict(base.ref.get("files", {})) if base else {}
