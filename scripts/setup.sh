@@ -29,7 +29,10 @@ if ! command -v uv >/dev/null 2>&1; then
   python3 -m pip install -q uv 2>/dev/null || python3 -m pip install -q --break-system-packages uv
 fi
 
-uv sync -q --all-packages
+# Bytecode is compiled here because PYTHONDONTWRITEBYTECODE may be set: without .pyc files
+# every CLI call would spend over a second compiling its imports.
+uv sync -q --all-packages --compile-bytecode
+.venv/bin/python -m compileall -q core/src plugins/physical/src >/dev/null
 
 # libnbd has no PyPI package: link Debian's binding into the virtualenv.
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
