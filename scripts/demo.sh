@@ -63,6 +63,7 @@ lab verify "$FO/vdb.qcow2" 0:$((2*MiB)):0x22 $((64*MiB)):65536:0x44
 
 step "clean up the test failover: nothing it created is left"
 standby failover cleanup app01
+echo "domains left on the DR host (standby-replica-1 is the replication appliance, not the drill):"
 lab --uri "$DR" list
 [ ! -e "$FO" ] && echo "test-failover disks removed"
 

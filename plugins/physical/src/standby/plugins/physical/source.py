@@ -21,6 +21,8 @@ from standby.plugins.physical.domxml import parse_domain
 from standby.plugins.physical.nbdio import DIRTY, STATE_ZERO, NbdPool, extents, nbd_module
 
 CHECKPOINT_PREFIX = "standby-"
+APPLIANCE = "standby-replica-"
+"""Replica appliances of a site that is also a DR target are not VMs to protect."""
 STATES = {
     0: "unknown",
     1: "running",
@@ -95,7 +97,7 @@ class PhysicalSource(lv.LibvirtPlugin, Source):
 
     def list_vms(self) -> list[VMSpec]:
         with lv.libvirt_errors(f"site '{self.site.name}'"):
-            doms = self.conn.listAllDomains()
+            doms = [d for d in self.conn.listAllDomains() if not d.name().startswith(APPLIANCE)]
         return sorted((self._spec(d) for d in doms), key=lambda v: v.name)
 
     def get_vm(self, key: str) -> VMSpec:
