@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -21,6 +22,20 @@ _Handle = tuple[str, int]
 
 def _is_libvirt_object(value: Any) -> bool:
     return type(value).__module__ == "libvirt" and type(value).__name__.startswith("vir")
+
+
+def _await_reconnect(libvirt: Any, libvirt_qemu: Any, conn: Any) -> None:
+    """An embedded driver reconnects to QEMUs left running by an earlier process in the
+    background; until it has, their domains look active but refuse work ("not running").
+    Wait (at most 10 s) until each active domain's monitor answers."""
+    deadline = time.monotonic() + 10
+    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+        while time.monotonic() < deadline:
+            try:
+                libvirt_qemu.qemuMonitorCommand(dom, '{"execute": "query-status"}', 0)
+                break
+            except libvirt.libvirtError:
+                time.sleep(0.05)
 
 
 def _serve(uri: str, pipe: Connection) -> None:
@@ -70,6 +85,7 @@ def _serve(uri: str, pipe: Connection) -> None:
 
     try:
         objects[0] = libvirt.open(uri)
+        _await_reconnect(libvirt, libvirt_qemu, objects[0])
         pipe.send(("ok", None))
     except libvirt.libvirtError as exc:
         pipe.send(("err", (exc.get_error_code(), exc.get_error_message() or str(exc))))

@@ -114,10 +114,7 @@ def destroy_vm(c: Any, name: str) -> None:
             dom.destroy()
         dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
     except libvirt.libvirtError as exc:
-        if exc.get_error_code() not in (
-            libvirt.VIR_ERR_NO_DOMAIN,
-            libvirt.VIR_ERR_OPERATION_INVALID,
-        ):
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
             raise
 
 
