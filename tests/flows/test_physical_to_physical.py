@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import select
 
 from standby.core.config import Policy
-from standby.core.errors import CapabilityNotSupported
+from standby.core.errors import CapabilityNotSupported, ConfigError, NotFound
 from standby.core.state import RecoveryPoint
 from standby.plugins.physical import lab
 from support.labenv import Lab, MiB
@@ -134,3 +134,23 @@ def test_test_failover_is_isolated_and_cleanup_removes_everything(labenv: Lab) -
     assert not Path(fo.ref["dir"]).exists()
     # Replication goes on after the drill.
     assert env.engine.replicate("fo1").bytes_read == 65536
+
+
+def test_failover_to_a_chosen_older_point(labenv: Lab) -> None:
+    env = labenv
+    env.create_vm("fo2", [("vda", 16 * MiB, "qcow2")])
+    env.write("fo2", "vda", 0, MiB, 0x81)
+    env.engine.protect("fo2", "src", "dr", Policy())
+    older = env.engine.replicate("fo2").point_id
+    env.write("fo2", "vda", 0, MiB, 0x82)
+    env.engine.replicate("fo2")
+    with pytest.raises(NotFound, match="recovery point 999999"):
+        env.engine.failover("fo2", test=True, point_id=999999)
+    fo = env.engine.failover("fo2", test=True, point_id=older)
+    assert fo.point_id == older
+    assert lab.has_pattern(Path(fo.ref["dir"]) / "vda.qcow2", 0, MiB, 0x81)
+    with pytest.raises(ConfigError, match="already has a test failover"):
+        env.engine.failover("fo2", test=True)
+    env.engine.cleanup("fo2")
+    with pytest.raises(NotFound, match="no test failover"):
+        env.engine.cleanup("fo2")
