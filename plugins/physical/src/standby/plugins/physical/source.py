@@ -52,7 +52,7 @@ class PhysicalSource(lv.LibvirtPlugin, Source):
 
     plugin_name = "physical"
     capabilities: ClassVar[SourceCapabilities] = SourceCapabilities(
-        change_tracking=True, app_consistent=True, power_ops=True, max_parallel_reads=8
+        change_tracking=True, app_consistent=True, power_ops=True, max_parallel_reads=4
     )
 
     def __init__(self, site: Site) -> None:

@@ -131,7 +131,7 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
         max_disk_size=QCOW2_MAX,
         alignment=512,
         max_write=32 << 20,
-        max_parallel_writes=8,
+        max_parallel_writes=4,
     )
 
     def __init__(self, site: Site) -> None:
