@@ -135,6 +135,9 @@ class MemWriter(ReplicaWriter):
 
     def commit_point(self, point_id: int) -> dict[str, Any]:
         self.t.points[point_id] = bytes(self.t.pending[self.cycle])
+        if self.t.die_after_commit:
+            self.t.die_after_commit = False
+            raise TransientError("connection lost after the target sealed the point")
         return {"key": point_id}
 
 
@@ -147,6 +150,7 @@ class MemTarget(Target):
         self.points: dict[int, bytes] = {}
         self.fail_after: int | None = None
         self.corrupt_reads = 0
+        self.die_after_commit = False
         self.flushes = 0
         self.pruned: list[int] = []
 
@@ -283,3 +287,18 @@ def test_app_consistent_when_due(rig: Any) -> None:
     engine.protect("mem1", "msrc", "mdst", Policy(app_consistent_every_seconds=3600))
     assert engine.replicate("mem1").consistency == "app"
     assert engine.replicate("mem1").consistency == "crash"
+
+
+def test_interrupted_commit_is_finished_without_a_new_snapshot(rig: Any) -> None:
+    engine, src, dst = rig
+    src.write(0, b"\x42" * BLOCK)
+    engine.protect("mem1", "msrc", "mdst", Policy())
+    dst.die_after_commit = True
+    with pytest.raises(TransientError):
+        engine.replicate("mem1")
+    with engine.state.session() as s:
+        assert s.query(RecoveryPoint).count() == 0, "sealed at the target is not yet visible"
+    snapshots = src.generation
+    done = engine.replicate("mem1")
+    assert done.resumed and src.generation == snapshots
+    assert dst.points[latest_key(engine)] == bytes(src.disk)

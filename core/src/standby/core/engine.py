@@ -200,7 +200,6 @@ class Engine:
         self.workers = workers
         self.wait_for_lock = wait_for_lock
         self._plugins: dict[tuple[str, str], Source | Target] = {}
-        self.crash_after_units: int | None = _env_int("STANDBY_TEST_CRASH_AFTER_UNITS")
 
     # ----------------------------------------------------------------- plumbing
 
@@ -649,12 +648,6 @@ class Engine:
                         now_done = stats["progress"]
                     self.progress.advance(now_done - reported)
                     reported = now_done
-                    if (
-                        self.crash_after_units is not None
-                        and stats["units"] >= self.crash_after_units
-                    ):
-                        self._checkpoint(cycle_id, writer, jobs, lock)
-                        os.kill(os.getpid(), 9)
                     if time.monotonic() - last_checkpoint >= CHECKPOINT_SECONDS:
                         self._checkpoint(cycle_id, writer, jobs, lock)
                         last_checkpoint = time.monotonic()
@@ -1013,11 +1006,6 @@ def _chunks(data: bytearray) -> Iterator[bytes]:
         yield bytes(data[i : i + 16])
 
 
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value else None
-
-
 def status_rows(state: State) -> list[dict[str, Any]]:
     """RPO and health per protection (for `standby status`)."""
     rows: list[dict[str, Any]] = []
@@ -1087,7 +1075,8 @@ Callback = Callable[[str], None]
 @contextmanager
 def opened(home: Path, progress: Progress | None = None, **kw: Any) -> Iterator[Engine]:
     """An engine over the state in `home`, closing plugin connections at the end."""
-    state = State.at(home)
+    url = os.environ.get("STANDBY_DB_URL")
+    state = State(url) if url else State.at(home)
     engine = Engine(state, home, progress, **kw)
     try:
         yield engine
