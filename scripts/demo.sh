@@ -70,4 +70,5 @@ lab --uri "$DR" list
 step "demo done"
 standby status
 lab --uri "$SRC" destroy app01
-echo "The source VM is destroyed; state and replicas stay in $W for a look (make demo starts afresh)."
+lab --uri "$DR" destroy standby-replica-1
+echo "The demo's VMs are stopped; state and replicas stay in $W for a look (make demo starts afresh)."
