@@ -205,6 +205,15 @@ class LibvirtPlugin:
     opts: PhysicalOptions
     conn: Any = None
 
+    def __init__(self, site: Site) -> None:
+        super().__init__(site)  # type: ignore[call-arg]  # the Source/Target next in the MRO
+        self.opts = site.options(PhysicalOptions)
+        self.conn = None
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return unavailable_reason()
+
     def connect(self) -> None:
         if self.conn is None:
             quiet_libvirt()

@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
-from standby.core.config import Site
 from standby.core.errors import NotFound, PluginError, StandbyError, TransientError
 from standby.core.interfaces import Snapshot, Source, SourceCapabilities
 from standby.core.model import Consistency, Extent, VMSpec
@@ -54,15 +53,6 @@ class PhysicalSource(lv.LibvirtPlugin, Source):
     capabilities: ClassVar[SourceCapabilities] = SourceCapabilities(
         change_tracking=True, app_consistent=True, power_ops=True, max_parallel_reads=4
     )
-
-    def __init__(self, site: Site) -> None:
-        super().__init__(site)
-        self.opts = site.options(lv.PhysicalOptions)
-        self.conn: Any = None
-
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        return lv.unavailable_reason()
 
     def check(self) -> list[str]:
         self.connect()

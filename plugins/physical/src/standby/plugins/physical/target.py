@@ -21,7 +21,6 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, ClassVar
 
-from standby.core.config import Site
 from standby.core.errors import (
     CapabilityNotSupported,
     ConfigError,
@@ -133,11 +132,6 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
         max_write=32 << 20,
         max_parallel_writes=4,
     )
-
-    def __init__(self, site: Site) -> None:
-        super().__init__(site)
-        self.opts = site.options(lv.PhysicalOptions)
-        self.conn: Any = None
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
