@@ -68,6 +68,7 @@ def test_killed_mid_cycle_resumes_without_a_half_visible_point(labenv: Lab) -> N
     status = json.loads(env.cli("status", "--json", check=True).stdout)
     row = next(r for r in status if r["vm"] == "kill1")
     assert row["points"] == 0 and row["last_cycle"]["status"] == "running"
+    assert row["health"] == "resumable", "a dead process's cycle is not 'replicating'"
 
     # The guest keeps writing while standby is down: in copied and in uncopied ranges.
     _fill(env, "kill1", 2, offset_mib=1)
@@ -123,6 +124,9 @@ def test_source_vm_deleted_while_protected(labenv: Lab) -> None:
     row = next(r for r in status if r["vm"] == "gone1")
     assert row["health"] == "source-missing" and row["points"] == 1
     assert len(json.loads(env.cli("points", "gone1", "--json", check=True).stdout)) == 1
+    events = json.loads(env.cli("events", "gone1", "--json", check=True).stdout)
+    assert [e["kind"] for e in events][:2] == ["protect", "point"]
+    assert events[-1]["level"] == "error" and "no longer exists" in events[-1]["message"]
 
 
 def test_watch_keeps_replicating_and_stops_cleanly_on_interrupt(labenv: Lab) -> None:

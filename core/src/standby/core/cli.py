@@ -31,7 +31,7 @@ from sqlalchemy import select
 from standby.core import config, plugins
 from standby.core.engine import CycleReport, due, opened, status_rows
 from standby.core.errors import ConfigError, StandbyError
-from standby.core.state import Protection, RecoveryPoint
+from standby.core.state import Event, Protection, RecoveryPoint
 
 app = typer.Typer(
     help="standby: replicate VMs to a DR site, keep recovery points, fail over.",
@@ -365,7 +365,7 @@ def _replicate_loop(
             if vm:
                 names = [vm]
             elif watch:
-                names = due(engine.state)
+                names = due(engine.state, home())
             else:
                 with engine.state.session() as s:
                     names = [
@@ -393,7 +393,7 @@ def _replicate_loop(
 def status(as_json: JsonOpt = False) -> None:
     """RPO and health of every protection."""
     with opened(home()) as engine:
-        rows = status_rows(engine.state)
+        rows = status_rows(engine.state, home())
     if as_json:
         emit(rows)
         return
@@ -410,6 +410,35 @@ def status(as_json: JsonOpt = False) -> None:
             f"{r['rpo_target_seconds']}s",
             health,
         )
+    out.print(table)
+
+
+@app.command("events")
+def events(
+    vm: Annotated[str | None, typer.Argument(help="Only this VM's events.")] = None,
+    limit: Annotated[int, typer.Option(help="How many, newest last.")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """What standby did: protections, points, prunes, failovers, failures."""
+    with opened(home()) as engine, engine.state.session() as s:
+        query = select(Event).order_by(Event.id.desc()).limit(limit)
+        if vm:
+            query = query.where(Event.protection_id == engine.state.protection(s, vm).id)
+        rows = [
+            {
+                "time": e.at.replace(tzinfo=UTC).isoformat(timespec="seconds"),
+                "level": e.level,
+                "kind": e.kind,
+                "message": e.message,
+            }
+            for e in reversed(s.scalars(query).all())
+        ]
+    if as_json:
+        emit(rows)
+        return
+    table = Table("time", "level", "kind", "message")
+    for r in rows:
+        table.add_row(r["time"][:19], r["level"], r["kind"], r["message"])
     out.print(table)
 
 

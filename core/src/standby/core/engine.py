@@ -1006,8 +1006,12 @@ def _chunks(data: bytearray) -> Iterator[bytes]:
         yield bytes(data[i : i + 16])
 
 
-def status_rows(state: State) -> list[dict[str, Any]]:
-    """RPO and health per protection (for `standby status`)."""
+def status_rows(state: State, home: Path | None = None) -> list[dict[str, Any]]:
+    """RPO and health per protection (for `standby status`).
+
+    With `home`, a `running` cycle whose VM lock nobody holds is reported as `resumable`
+    (its process died), not as `replicating`.
+    """
     rows: list[dict[str, Any]] = []
     now = datetime.now(UTC)
     with state.session() as s:
@@ -1027,8 +1031,14 @@ def status_rows(state: State) -> list[dict[str, Any]]:
                 elif rpo is not None and rpo > policy.rpo_seconds:
                     health, reason = "rpo-breached", f"latest point is {int(rpo)}s old"
                 if last_cycle is not None and last_cycle.status == "running":
-                    health = "resumable" if last_cycle.error else "replicating"
-                    reason = last_cycle.error or reason
+                    alive = home is None or FileLock.held(
+                        home / "locks" / f"vm-{prot.vm_name}.lock"
+                    )
+                    if last_cycle.error or not alive:
+                        health = "resumable"
+                        reason = last_cycle.error or "a cycle was interrupted; replicate resumes it"
+                    else:
+                        health, reason = "replicating", f"cycle {last_cycle.id} in progress"
             rows.append(
                 {
                     "vm": prot.vm_name,
@@ -1058,10 +1068,10 @@ def status_rows(state: State) -> list[dict[str, Any]]:
     return rows
 
 
-def due(state: State) -> list[str]:
+def due(state: State, home: Path | None = None) -> list[str]:
     """Protections whose latest point is older than half their RPO target (for --watch)."""
     out = []
-    for row in status_rows(state):
+    for row in status_rows(state, home):
         if row["state"] != "protected" or row["health"] == "source-missing":
             continue
         if row["rpo_seconds"] is None or row["rpo_seconds"] >= row["rpo_target_seconds"] / 2:

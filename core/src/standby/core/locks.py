@@ -35,6 +35,21 @@ class FileLock:
         self.fd = fd
         return self
 
+    @staticmethod
+    def held(path: Path) -> bool:
+        """Whether some process holds the lock at `path` right now."""
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
     def __exit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
