@@ -74,7 +74,11 @@ def test_manifest_resize_invalidate_nonzero_and_blob() -> None:
     m.set(1, b"\x01" * 16)
     m.resize(4 * BLOCK + 1)
     assert m.get(4) == ZERO_DIGEST and m.nonzero() == [(BLOCK, 2 * BLOCK)]
+    assert not m.has_unknown()
+    m.set(0, b"\x00" + b"\xff" * 15)
+    m.set(1, b"\xff" * 8 + b"\x00" * 8)  # 0xff runs across a boundary are not "unknown"
+    assert not m.has_unknown()
     m.invalidate([(3 * BLOCK, 3 * BLOCK + 1)])
-    assert m.get(3) == UNKNOWN_DIGEST
+    assert m.get(3) == UNKNOWN_DIGEST and m.has_unknown()
     again = Manifest.from_blob(m.size, m.to_blob())
     assert again.data == m.data and again.digest() == m.digest()

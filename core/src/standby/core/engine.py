@@ -12,7 +12,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -40,7 +40,6 @@ from standby.core.errors import (
 )
 from standby.core.extents import (
     BLOCK,
-    UNKNOWN_DIGEST,
     ZERO_DIGEST,
     Intervals,
     Manifest,
@@ -790,7 +789,7 @@ class Engine:
             for disk in pinfo.vm.disks:
                 row = rows[disk.name]
                 manifest = Manifest.from_blob(row.size, row.manifest)
-                if UNKNOWN_DIGEST in _chunks(manifest.data):
+                if manifest.has_unknown():
                     raise StandbyError(
                         f"disk '{disk.name}' has blocks of unknown content; point not made"
                     )
@@ -1001,11 +1000,6 @@ class Engine:
             return [w[0] for w in work]
 
 
-def _chunks(data: bytearray) -> Iterator[bytes]:
-    for i in range(0, len(data), 16):
-        yield bytes(data[i : i + 16])
-
-
 def status_rows(state: State, home: Path | None = None) -> list[dict[str, Any]]:
     """RPO and health per protection (for `standby status`).
 
@@ -1077,9 +1071,6 @@ def due(state: State, home: Path | None = None) -> list[str]:
         if row["rpo_seconds"] is None or row["rpo_seconds"] >= row["rpo_target_seconds"] / 2:
             out.append(str(row["vm"]))
     return out
-
-
-Callback = Callable[[str], None]
 
 
 @contextmanager

@@ -136,6 +136,15 @@ class Manifest:
             for i in range(start // BLOCK, -(-end // BLOCK)):
                 self.set(i, UNKNOWN_DIGEST)
 
+    def has_unknown(self) -> bool:
+        """Whether any block's content at the replica is unknown (never true of a point)."""
+        pos = self.data.find(UNKNOWN_DIGEST)
+        while pos != -1:
+            if pos % DIGEST == 0:
+                return True
+            pos = self.data.find(UNKNOWN_DIGEST, pos + 1)
+        return False
+
     def nonzero(self) -> Intervals:
         """Byte ranges of blocks that are not known to be zero."""
         out: list[tuple[int, int]] = []
