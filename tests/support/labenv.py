@@ -14,7 +14,7 @@ from standby.core.state import State
 from standby.plugins.physical import lab
 
 MiB = 1 << 20
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STANDBY = [sys.executable, "-m", "standby.core"]
 
 
