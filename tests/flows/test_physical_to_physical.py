@@ -154,3 +154,30 @@ def test_failover_to_a_chosen_older_point(labenv: Lab) -> None:
     env.engine.cleanup("fo2")
     with pytest.raises(NotFound, match="no test failover"):
         env.engine.cleanup("fo2")
+
+
+def test_unprotect_removes_replicas_checkpoints_and_state(labenv: Lab) -> None:
+    env = labenv
+    env.create_vm("un1", [("vda", 16 * MiB, "qcow2")])
+    env.write("un1", "vda", 0, MiB, 0x91)
+    env.engine.protect("un1", "src", "dr", Policy())
+    env.engine.replicate("un1")
+    env.engine.replicate("un1")
+    files = point_files(env, "un1")
+    dom = env.src.lookupByName("un1")
+    assert [c.getName() for c in dom.listAllCheckpoints()]
+    fo = env.engine.failover("un1", test=True)
+    with pytest.raises(ConfigError, match="failover cleanup"):
+        env.engine.unprotect("un1")
+    env.engine.cleanup("un1")
+    assert fo.vm_name not in {d.name() for d in env.dr.listAllDomains()}
+    assert env.engine.unprotect("un1") == 2
+    assert not any(p.exists() for p in files.values())
+    assert dom.listAllCheckpoints() == []
+    appliance = f"standby-replica-{fo.protection_id}"
+    assert appliance not in {d.name() for d in env.dr.listAllDomains()}
+    with pytest.raises(NotFound):
+        env.engine.replicate("un1")
+    # It can be protected again from scratch.
+    env.engine.protect("un1", "src", "dr", Policy())
+    assert env.engine.replicate("un1").kind == "full"

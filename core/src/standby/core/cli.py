@@ -319,6 +319,27 @@ def protect(
         )
 
 
+@app.command("unprotect")
+def unprotect(
+    vm: str,
+    keep_replicas: Annotated[
+        bool, typer.Option(help="Leave the replica files at the target (state is dropped).")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Stop protecting a VM and remove its recovery points at the target."""
+    if not yes and not keep_replicas:
+        if not sys.stdin.isatty():
+            raise ConfigError("unprotect removes every recovery point; add --yes to confirm")
+        typer.confirm(f"Remove every recovery point of {vm}?", abort=True)
+    with opened(home()) as engine:
+        n = engine.unprotect(vm, keep_replicas=keep_replicas)
+    out.print(
+        f"{vm}: no longer protected; {n} recovery point(s) "
+        f"{'kept as files' if keep_replicas else 'removed'}"
+    )
+
+
 def _report_line(r: CycleReport) -> str:
     rate = r.bytes_read / r.seconds / (1 << 20) if r.seconds else 0.0
     resumed = ", resumed" if r.resumed else ""

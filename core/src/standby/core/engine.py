@@ -301,6 +301,61 @@ class Engine:
                 )
                 return prot.id
 
+    def unprotect(self, vm_key: str, keep_replicas: bool = False) -> int:
+        """Stop protecting a VM: drop its replicas and points at the target (unless kept), its
+        change tracking at the source, and its state. Refused while a test failover runs."""
+        with self.state.session() as s:
+            prot = self.state.protection(s, vm_key)
+        with self.lock(prot, "unprotect"):
+            with self.state.session() as s:
+                prot = self.state.protection(s, vm_key)
+                running = s.scalars(
+                    select(Failover).where(
+                        Failover.protection_id == prot.id,
+                        Failover.state.in_(("starting", "running", "failed")),
+                    )
+                ).first()
+                if running is not None:
+                    raise ConfigError(
+                        f"VM '{prot.vm_name}' has a test failover; run "
+                        f"`standby failover cleanup {prot.vm_name}` first"
+                    )
+                pinfo = protection_info(prot)
+                points = [point_info(p) for p in prot.points if p.state != "pruned"]
+            if not keep_replicas:
+                self.target(pinfo.target_site).remove(pinfo, points)
+            try:
+                source = self.source(pinfo.source_site)
+                source.release_tokens(source.get_vm(pinfo.vm.id), {})
+            except NotFound:
+                pass  # the VM is gone; so is its change tracking
+            with self.state.session() as s:
+                gone = s.get(Protection, pinfo.id)
+                assert gone is not None
+                cycles = s.scalars(select(Cycle).where(Cycle.protection_id == gone.id)).all()
+                for c in cycles:
+                    for row in s.scalars(select(CycleDisk).where(CycleDisk.cycle_id == c.id)):
+                        s.delete(row)
+                for t in s.scalars(select(ChangeToken).where(ChangeToken.protection_id == gone.id)):
+                    s.delete(t)
+                for f in s.scalars(select(Failover).where(Failover.protection_id == gone.id)):
+                    s.delete(f)
+                for p in gone.points:
+                    for d in p.disks:
+                        s.delete(d)
+                    s.delete(p)
+                s.flush()
+                for c in cycles:
+                    s.delete(c)
+                s.delete(gone)
+                self.state.log(
+                    s,
+                    "unprotect",
+                    f"{pinfo.vm.name} unprotected ({len(points)} point(s) "
+                    f"{'kept at' if keep_replicas else 'removed from'} {pinfo.target_site})",
+                )
+            return len(points)
+
     # ----------------------------------------------------------------- replicate
 
     def replicate(self, vm_key: str) -> CycleReport:
