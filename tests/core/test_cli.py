@@ -123,3 +123,8 @@ def test_protect_with_bad_policy_values(home: Path) -> None:
     )
     one_line_error(run(home, "protect", "x", "--from", "a", "--to", "b"), 3, "unknown site 'a'")
     assert json.loads(run(home, "status", "--json").stdout) == []
+
+
+def test_unprotect_needs_confirmation_and_a_protected_vm(home: Path) -> None:
+    one_line_error(run(home, "unprotect", "ghost"), 2, "--yes")
+    one_line_error(run(home, "unprotect", "ghost", "--yes"), 3, "VM 'ghost' is not protected")
