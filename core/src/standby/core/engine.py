@@ -309,13 +309,7 @@ class Engine:
         with self.lock(prot, "unprotect"):
             with self.state.session() as s:
                 prot = self.state.protection(s, vm_key)
-                running = s.scalars(
-                    select(Failover).where(
-                        Failover.protection_id == prot.id,
-                        Failover.state.in_(("starting", "running", "failed")),
-                    )
-                ).first()
-                if running is not None:
+                if _failovers(s, prot.id, UNCLEANED):
                     raise ConfigError(
                         f"VM '{prot.vm_name}' has a test failover; run "
                         f"`standby failover cleanup {prot.vm_name}` first"
@@ -917,17 +911,13 @@ class Engine:
         """Apply the policy's retention; points used by a running failover are kept."""
         with self.state.session() as s:
             prot = self.state.protection(s, vm_key)
-            active = s.scalars(
-                select(Failover).where(
-                    Failover.protection_id == prot.id, Failover.state.in_(("starting", "running"))
-                )
-            ).first()
+            active = _failovers(s, prot.id, ACTIVE)
             policy = Policy.model_validate(prot.policy)
             points = [p for p in prot.points if p.state in ("visible", "pruning")]
             visible = [p for p in points if p.state == "visible"]
             now = datetime.now(UTC)
             drop_ids = {p.id for p in points if p.state == "pruning"}
-            if active is None:
+            if not active:
                 keep_n = visible[-policy.retain_count :]
                 for p in visible[:-1]:
                     too_old = now - _aware(p.created_at) > timedelta(
@@ -971,12 +961,7 @@ class Engine:
         with self.lock(prot, "failover"):
             with self.state.session() as s:
                 prot = self.state.protection(s, vm_key)
-                running = s.scalars(
-                    select(Failover).where(
-                        Failover.protection_id == prot.id,
-                        Failover.state.in_(("starting", "running")),
-                    )
-                ).first()
+                running = next(iter(_failovers(s, prot.id, ACTIVE)), None)
                 if running is not None:
                     raise ConfigError(
                         f"VM '{prot.vm_name}' already has a test failover running "
@@ -1032,13 +1017,7 @@ class Engine:
             prot = self.state.protection(s, vm_key)
         with self.lock(prot, "failover cleanup"):
             with self.state.session() as s:
-                rows = s.scalars(
-                    select(Failover).where(
-                        Failover.protection_id == prot.id,
-                        Failover.kind == "test",
-                        Failover.state.in_(("starting", "running", "failed")),
-                    )
-                ).all()
+                rows = [f for f in _failovers(s, prot.id, UNCLEANED) if f.kind == "test"]
                 work = [(f.id, dict(f.ref) or {"failover_id": f.id}) for f in rows]
                 pinfo = protection_info(prot)
             if not work:
@@ -1053,6 +1032,23 @@ class Engine:
                     f.finished_at = datetime.now(UTC)
                     self.state.log(s, "cleanup", f"test failover {fo_id} cleaned up", pinfo.id)
             return [w[0] for w in work]
+
+
+ACTIVE = ("starting", "running")
+"""Failover states whose VM is (or may be) up at the target."""
+UNCLEANED = (*ACTIVE, "failed")
+"""Failover states that may have left something at the target for `cleanup`."""
+
+
+def _failovers(s: Session, protection_id: int, states: tuple[str, ...]) -> list[Failover]:
+    """A protection's failovers in the given states, oldest first."""
+    return list(
+        s.scalars(
+            select(Failover)
+            .where(Failover.protection_id == protection_id, Failover.state.in_(states))
+            .order_by(Failover.id)
+        )
+    )
 
 
 def status_rows(state: State, home: Path | None = None) -> list[dict[str, Any]]:
