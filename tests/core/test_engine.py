@@ -133,7 +133,7 @@ class MemWriter(ReplicaWriter):
     def flush(self) -> None:
         self.t.flushes += 1
 
-    def commit_point(self, point_id: int) -> dict[str, Any]:
+    def commit_point(self, point_id: int, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
         self.t.points[point_id] = bytes(self.t.pending[self.cycle])
         if self.t.die_after_commit:
             self.t.die_after_commit = False
@@ -190,6 +190,7 @@ class MemTarget(Target):
         test: bool,
         network: str | None = None,
         size: str | None = None,
+        failover_id: int | None = None,
     ) -> FailoverResult:
         raise NotImplementedError
 

@@ -11,6 +11,7 @@ import json
 import sys
 import time
 import tomllib
+from dataclasses import asdict
 from datetime import UTC
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,7 +31,7 @@ from sqlalchemy import select
 
 from standby.core import config, plugins
 from standby.core.engine import CycleReport, due, opened, status_rows
-from standby.core.errors import ConfigError, StandbyError
+from standby.core.errors import ConfigError, NotFound, StandbyError
 from standby.core.state import Event, Protection, RecoveryPoint
 
 app = typer.Typer(
@@ -75,11 +76,16 @@ def emit(data: Any) -> None:
 class BarProgress:
     """Engine progress as a rich bar on stderr (only on a terminal)."""
 
-    def __init__(self) -> None:
+    def __init__(self, steps: bool = True) -> None:
+        self.steps = steps
         self.bar: Progress | None = None
         self.task: TaskID | None = None
 
     def start(self, description: str, total: int) -> None:
+        if total == 0:  # a step of a long operation: one line, terminal or not
+            if self.steps:
+                err.print(f"  {description}", highlight=False)
+            return
         if not err.is_terminal:
             return
         self.bar = Progress(
@@ -501,7 +507,7 @@ def failover(
     as_json: JsonOpt = False,
 ) -> None:
     """Fail a VM over (`failover VM --test`), or remove a test failover (`failover cleanup VM`)."""
-    with opened(home()) as engine:
+    with opened(home(), BarProgress(steps=not as_json)) as engine:
         if vm_or_action == "cleanup":
             if not vm:
                 raise ConfigError("usage: standby failover cleanup VM")
@@ -531,6 +537,54 @@ def failover(
             f"[bold]{data['target_vm']}[/] from point {data['point']}; "
             f"clean up with `standby failover cleanup {vm_or_action}`"
         )
+
+
+@app.command("cost")
+def cost(
+    vm: Annotated[str | None, typer.Argument(help="A protected VM (default: all).")] = None,
+    site: Annotated[str | None, typer.Option(help="Only protections to this target site.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Estimated monthly storage cost of replicas and points, and hourly cost after failover."""
+    if vm and site:
+        raise ConfigError("give a VM or --site, not both")
+    with opened(home()) as engine:
+        estimates = engine.cost(vm, site)
+    if not estimates:
+        raise NotFound("no protection to estimate" + (f" at site '{site}'" if site else ""))
+    if as_json:
+        emit(
+            [
+                {
+                    "currency": e.currency,
+                    "prices_from": e.prices_from,
+                    "monthly_storage": round(e.monthly, 4),
+                    "hourly_after_failover": round(e.hourly, 4),
+                    "lines": [asdict(line) for line in e.lines],
+                    "notes": e.notes,
+                }
+                for e in estimates
+            ]
+        )
+        return
+    for e in estimates:
+        table = Table("VM", "item", "quantity", f"price ({e.currency})", "per month", "per hour")
+        for line in e.lines:
+            table.add_row(
+                line.protection,
+                line.item,
+                f"{line.quantity:g} {line.unit}",
+                f"{line.unit_price:.4f}",
+                f"{line.monthly:.2f}" if line.monthly else "",
+                f"{line.hourly:.4f}" if line.hourly else "",
+            )
+        out.print(table)
+        out.print(
+            f"while protected: [bold]{e.monthly:.2f} {e.currency}/month[/]; after failover: "
+            f"[bold]{e.hourly:.4f} {e.currency}/hour[/] more"
+        )
+        for note in e.notes:
+            out.print(f"note: {note}", highlight=False)
 
 
 def main() -> None:

@@ -57,9 +57,11 @@ from standby.core.interfaces import ReplicaWriter, Snapshot, Source, Target
 from standby.core.locks import FileLock
 from standby.core.model import (
     Consistency,
+    CostEstimate,
     Extent,
     PointInfo,
     ProtectionInfo,
+    Usage,
     VMSpec,
 )
 from standby.core.state import (
@@ -300,6 +302,39 @@ class Engine:
                     notes=verdict.notes,
                 )
                 return prot.id
+
+    def usage(self, vm_key: str | None = None, site: str | None = None) -> dict[str, list[Usage]]:
+        """Per target site, what each protection holds there (from the engine's records)."""
+        out: dict[str, list[Usage]] = {}
+        with self.state.session() as s:
+            if vm_key is not None:
+                prots = [self.state.protection(s, vm_key)]
+            else:
+                prots = list(s.scalars(select(Protection).order_by(Protection.id)))
+                if site is not None:
+                    self.site(site)
+                    prots = [p for p in prots if p.target_site == site]
+            for prot in prots:
+                visible = sorted(
+                    (p for p in prot.points if p.state == "visible"), key=lambda p: p.id
+                )
+                replica = 0
+                if visible:
+                    for d in visible[-1].disks:
+                        replica += total(Manifest.from_blob(d.size, d.manifest).nonzero())
+                later = [s.get(Cycle, p.cycle_id) for p in visible[1:]]
+                changed = sum(c.bytes_written + c.bytes_zeroed for c in later if c is not None)
+                out.setdefault(prot.target_site, []).append(
+                    Usage(protection_info(prot), replica, changed, len(visible), prot.target_size)
+                )
+        return out
+
+    def cost(self, vm_key: str | None = None, site: str | None = None) -> list[CostEstimate]:
+        """Cost estimates per target site (storage now, compute after failover)."""
+        return [
+            self.target(name).estimate_cost(usage)
+            for name, usage in self.usage(vm_key, site).items()
+        ]
 
     def unprotect(self, vm_key: str, keep_replicas: bool = False) -> int:
         """Stop protecting a VM: drop its replicas and points at the target (unless kept), its
@@ -791,6 +826,26 @@ class Engine:
                 f"verification failed on {names}; no point was made, the next cycle rewrites them"
             )
 
+    def _point_meta(self, cycle_id: int) -> dict[str, Any]:
+        """The engine's record of a point about to be sealed, for targets that store it."""
+        with self.state.session() as s:
+            c = s.get(Cycle, cycle_id)
+            assert c is not None
+            rows = s.scalars(select(CycleDisk).where(CycleDisk.cycle_id == cycle_id))
+            return {
+                "cycle": cycle_id,
+                "taken_at": _aware(c.snapshot_at).isoformat() if c.snapshot_at else None,
+                "consistency": c.consistency,
+                "block_size": BLOCK,
+                "disks": {
+                    r.disk: {
+                        "size": r.size,
+                        "manifest_blake3": Manifest.from_blob(r.size, r.manifest).digest(),
+                    }
+                    for r in rows
+                },
+            }
+
     def _finish(
         self,
         cycle_id: int,
@@ -803,8 +858,9 @@ class Engine:
         resumed: bool,
     ) -> CycleReport:
         """Seal the point at the target, then make it visible in one transaction."""
+        meta = self._point_meta(cycle_id)
         if writer is not None:
-            ref = writer.commit_point(cycle_id)
+            ref = writer.commit_point(cycle_id, meta)
         else:
             base = None
             with self.state.session() as s:
@@ -814,7 +870,7 @@ class Engine:
                     bp = s.get(RecoveryPoint, c.base_point_id)
                     base = point_info(bp) if bp else None
             with target.open_writer(pinfo, cycle_id, base) as w:
-                ref = w.commit_point(cycle_id)
+                ref = w.commit_point(cycle_id, meta)
         now = datetime.now(UTC)
         with self.state.session() as s:
             c = s.get(Cycle, cycle_id)
@@ -983,6 +1039,7 @@ class Engine:
                 fo_id = fo.id
                 pinfo = protection_info(prot)
                 pt = point_info(point)
+                size = prot.target_size
                 self.state.log(
                     s,
                     "failover",
@@ -990,8 +1047,11 @@ class Engine:
                     prot.id,
                 )
             target = self.target(pinfo.target_site)
+            target.on_step = self._stepper(pinfo.id, fo_id)
             try:
-                result = target.failover(pinfo, pt, test=test, network=network)
+                result = target.failover(
+                    pinfo, pt, test=test, network=network, size=size, failover_id=fo_id
+                )
             except BaseException as exc:
                 with self.state.session() as s:
                     f = s.get(Failover, fo_id)
@@ -1011,6 +1071,19 @@ class Engine:
                 self.state.log(s, "failover", result.summary, pinfo.id)
                 return f
 
+    def _stepper(self, protection_id: int, failover_id: int) -> Any:
+        """A callback that records a failover step as an event and shows it as progress."""
+
+        def step(message: str) -> None:
+            self.progress.finish()
+            self.progress.start(message, 0)
+            with self.state.session() as s:
+                self.state.log(
+                    s, "failover-step", f"failover {failover_id}: {message}", protection_id
+                )
+
+        return step
+
     def cleanup(self, vm_key: str) -> list[int]:
         """Remove every test failover of a VM (idempotent)."""
         with self.state.session() as s:
@@ -1024,7 +1097,9 @@ class Engine:
                 raise NotFound(f"VM '{prot.vm_name}' has no test failover to clean up")
             target = self.target(pinfo.target_site)
             for fo_id, ref in work:
+                target.on_step = self._stepper(pinfo.id, fo_id)
                 target.cleanup_test(pinfo, ref)
+                self.progress.finish()
                 with self.state.session() as s:
                     f = s.get(Failover, fo_id)
                     assert f is not None

@@ -8,7 +8,7 @@ exceptions into the `standby.core.errors` tree at its edge (`raise ... from`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,10 +18,12 @@ from standby.core.config import Site
 from standby.core.errors import CapabilityNotSupported, NotFound
 from standby.core.model import (
     Consistency,
+    CostEstimate,
     Extent,
     FailoverResult,
     PointInfo,
     ProtectionInfo,
+    Usage,
     Validation,
     VMSpec,
 )
@@ -183,14 +185,26 @@ class ReplicaWriter(ABC):
         """Make every write so far durable; progress is checkpointed only after this."""
 
     @abstractmethod
-    def commit_point(self, point_id: int) -> dict[str, Any]:
-        """Seal the pending state as recovery point `point_id`; idempotent. Returns its ref."""
+    def commit_point(self, point_id: int, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Seal the pending state as recovery point `point_id`; idempotent. Returns its ref.
+
+        `meta` is the engine's record of the point (source time, consistency, per-disk size and
+        manifest digest); a target that keeps metadata beside its replicas stores it.
+        """
 
 
 class Target(Plugin):
     """The DR site: keeps replica disks and recovery points, and fails VMs over."""
 
     capabilities: ClassVar[TargetCapabilities] = TargetCapabilities()
+
+    on_step: Callable[[str], None] | None = None
+    """Set by the engine: where `step` reports go."""
+
+    def step(self, message: str) -> None:
+        """Report one step of a long operation (failover, cleanup)."""
+        if self.on_step is not None:
+            self.on_step(message)
 
     @abstractmethod
     def validate(self, vm: VMSpec) -> Validation:
@@ -228,8 +242,15 @@ class Target(Plugin):
         test: bool,
         network: str | None = None,
         size: str | None = None,
+        failover_id: int | None = None,
     ) -> FailoverResult:
-        """Start a VM from `point`; a test failover goes to an isolated network."""
+        """Start a VM from `point`; a test failover goes to an isolated network.
+
+        `size` is the size chosen at validation; `failover_id` is the engine's record of this
+        failover: a target tags what it creates with it so that `cleanup_test({"failover_id":
+        id})` finds everything even when the failover died part-way. A target that fails
+        part-way removes what it created before raising, or leaves it findable that way.
+        """
 
     @abstractmethod
     def cleanup_test(self, protection: ProtectionInfo, ref: Mapping[str, Any]) -> None:
@@ -238,3 +259,7 @@ class Target(Plugin):
     @abstractmethod
     def remove(self, protection: ProtectionInfo, points: list[PointInfo]) -> None:
         """Remove every replica and point of a protection (unprotect)."""
+
+    def estimate_cost(self, usage: list[Usage]) -> CostEstimate:
+        """Monthly storage and hourly compute cost of the given protections at this site."""
+        raise CapabilityNotSupported(f"plugin '{self.plugin_name}' has no cost model")

@@ -144,3 +144,50 @@ class FailoverResult:
     ref: dict[str, Any]
     vm_name: str
     summary: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one protection holds at its target, as the engine recorded it (for cost estimates).
+
+    `replica_bytes`: allocated (non-zero) bytes of the latest point; `point_bytes`: bytes
+    written by the cycles of every retained point after the oldest (what snapshots keep apart
+    from the replica); `size`: the VM size chosen for failover.
+    """
+
+    protection: ProtectionInfo
+    replica_bytes: int
+    point_bytes: int
+    points: int
+    size: str | None
+
+
+@dataclass(frozen=True)
+class CostLine:
+    """One priced item of an estimate."""
+
+    protection: str
+    item: str
+    quantity: float
+    unit: str
+    unit_price: float
+    monthly: float
+    hourly: float = 0.0
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """A cost estimate: lines, totals, currency and where the prices came from."""
+
+    lines: list[CostLine]
+    currency: str
+    prices_from: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def monthly(self) -> float:
+        return sum(line.monthly for line in self.lines)
+
+    @property
+    def hourly(self) -> float:
+        return sum(line.hourly for line in self.lines)

@@ -112,7 +112,7 @@ class PhysicalWriter(ReplicaWriter):
     def flush(self) -> None:
         self.pool.flush()
 
-    def commit_point(self, point_id: int) -> dict[str, Any]:
+    def commit_point(self, point_id: int, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
         if not self.committed:
             self.pool.flush()
             self.target._stop_appliance(self.pinfo, self.dom, self.pool)
@@ -447,6 +447,7 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
         test: bool,
         network: str | None = None,
         size: str | None = None,
+        failover_id: int | None = None,
     ) -> FailoverResult:
         if not test:
             raise CapabilityNotSupported("physical target: only test failover in this release")
