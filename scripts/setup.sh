@@ -32,7 +32,21 @@ fi
 # Bytecode is compiled here because PYTHONDONTWRITEBYTECODE may be set: without .pyc files
 # every CLI call would spend over a second compiling its imports.
 uv sync -q --all-packages --compile-bytecode
-.venv/bin/python -m compileall -q core/src plugins/physical/src >/dev/null
+.venv/bin/python -m compileall -q core/src plugins/physical/src providers/azure/src >/dev/null
+
+# Azurite (the Azure storage double), pinned by tests/doubles/azurite/package-lock.json.
+if ! command -v npm >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "setup: installing nodejs and npm"
+  $SUDO apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+lock=tests/doubles/azurite/package-lock.json
+stamp=tests/doubles/azurite/node_modules/.standby-lock
+if [ ! -x tests/doubles/azurite/node_modules/.bin/azurite-blob ] || ! cmp -s "$lock" "$stamp"; then
+  echo "setup: installing Azurite (npm ci)"
+  (cd tests/doubles/azurite && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  cp "$lock" "$stamp"
+fi
 
 # libnbd has no PyPI package: link Debian's binding into the virtualenv.
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

@@ -1,0 +1,195 @@
+"""`AzureTarget`: replicas in page blobs, points as snapshots, failover to Azure VMs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from functools import cached_property
+from typing import Any, ClassVar
+
+from standby.core.errors import PluginError
+from standby.core.interfaces import ReplicaWriter, Target, TargetCapabilities
+from standby.core.model import (
+    CostEstimate,
+    Extent,
+    FailoverResult,
+    PointInfo,
+    ProtectionInfo,
+    Usage,
+    Validation,
+    VMSpec,
+)
+from standby.providers.azure import compute, cost, storage
+from standby.providers.azure.conn import AzureClients, AzureOptions, azure_errors
+
+
+class AzureTarget(Target):
+    """An Azure subscription + resource group + storage account as the DR site."""
+
+    plugin_name = "azure"
+    capabilities: ClassVar[TargetCapabilities] = TargetCapabilities(
+        test_failover=True,
+        max_disks=1 + compute.MAX_DATA_DISKS,
+        max_disk_size=storage.MAX_DISK,
+        alignment=storage.PAGE,
+        max_write=storage.MAX_PUT_PAGE,
+        max_parallel_writes=8,
+    )
+
+    @cached_property
+    def opts(self) -> AzureOptions:
+        return self.site.options(AzureOptions)
+
+    @cached_property
+    def clients(self) -> AzureClients:
+        return AzureClients(self.opts)
+
+    def connect(self) -> None:
+        _ = self.opts
+        self.clients.verify  # noqa: B018 (checks ca_file early)
+
+    def close(self) -> None:
+        if "clients" in self.__dict__:
+            self.clients.close()
+            del self.__dict__["clients"]
+
+    def check(self) -> list[str]:
+        self.connect()
+        props = self._ensure_container()
+        sizes = compute.list_sizes(self.clients)
+        return [
+            f"storage container '{self.opts.container}' at {self.opts.blob_endpoint} "
+            f"(last modified {props})",
+            f"ARM {self.opts.arm_endpoint}: {len(sizes)} VM sizes in {self.opts.location}",
+        ]
+
+    def _ensure_container(self) -> str:
+        from azure.core.exceptions import ResourceExistsError
+
+        container = self.clients.container
+        with azure_errors(f"storage container '{self.opts.container}'"):
+            try:
+                container.create_container()
+            except ResourceExistsError:
+                pass
+            return str(container.get_container_properties().last_modified)
+
+    @cached_property
+    def prices(self) -> cost.Prices:
+        return cost.load_prices(self.opts.prices)
+
+    def _price(self, size: str) -> float | None:
+        try:
+            return self.prices.hourly(size)
+        except Exception:  # a broken price table must not block protection
+            return None
+
+    def validate(self, vm: VMSpec) -> Validation:
+        problems, size, notes = compute.validate(
+            vm, compute.list_sizes(self.clients), self.opts.vm_size, self._price
+        )
+        return Validation(problems=problems, size=size, notes=notes)
+
+    def prepare(self, protection: ProtectionInfo) -> None:
+        self._ensure_container()
+
+    @contextmanager
+    def open_writer(
+        self, protection: ProtectionInfo, cycle_id: int, base: PointInfo | None
+    ) -> Iterator[ReplicaWriter]:
+        yield storage.PageBlobWriter(self.clients.container, protection, cycle_id).open()
+
+    def _disks(self, protection: ProtectionInfo) -> list[storage.PageBlobDisk]:
+        return [
+            storage.PageBlobDisk(self.clients.container, storage.disk_blob(protection, d.name), d)
+            for d in protection.vm.disks
+        ]
+
+    def discard_pending(self, protection: ProtectionInfo, cycle_id: int) -> None:
+        """Put every replica blob back to its newest point (zeroes when there is none)."""
+        for disk in self._disks(protection):
+            snaps = {
+                pid: ts
+                for pid, ts in disk.snapshots().items()
+                if storage.read_manifest(self.clients.container, protection, pid) is not None
+            }
+            if not disk.exists():
+                continue
+            disk.restore(snaps[max(snaps)] if snaps else None)
+
+    def prune(
+        self, protection: ProtectionInfo, drop: list[PointInfo], keep: list[PointInfo]
+    ) -> dict[int, dict[str, Any]]:
+        """Delete the dropped points' snapshots and manifests; kept points never move."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        container = self.clients.container
+        for point in drop:
+            blobs: Mapping[str, str] = point.ref.get("blobs", {})
+            for disk, ts in point.ref.get("snapshots", {}).items():
+                name = blobs.get(disk) or storage.disk_blob(protection, disk)
+                with azure_errors(f"delete snapshot of {name}"):
+                    try:
+                        container.get_blob_client(name, snapshot=ts).delete_blob()
+                    except ResourceNotFoundError:
+                        pass
+            name = storage.manifest_blob(protection, int(point.ref.get("point", point.id)))
+            with azure_errors(f"delete point manifest {name}"):
+                try:
+                    container.delete_blob(name)
+                except ResourceNotFoundError:
+                    pass
+        return {}
+
+    def remove(self, protection: ProtectionInfo, points: list[PointInfo]) -> None:
+        """Delete the protection's blobs, their snapshots and the point manifests."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        container = self.clients.container
+        folder = storage.prefix(protection) + "/"
+        with azure_errors(f"remove replicas under {folder}"):
+            names = {b.name for b in container.list_blobs(name_starts_with=folder)}
+            for name in sorted(names):
+                try:
+                    container.delete_blob(name, delete_snapshots="include")
+                except ResourceNotFoundError:
+                    pass
+
+    def read_point(
+        self, protection: ProtectionInfo, point: PointInfo, disk: str, offset: int, length: int
+    ) -> bytes:
+        """Bytes of a point's disk, read from its snapshot (for verification and tests)."""
+        spec = protection.vm.disk(disk)
+        blob = point.ref.get("blobs", {}).get(disk) or storage.disk_blob(protection, disk)
+        snap = point.ref.get("snapshots", {}).get(disk)
+        if not snap:
+            raise PluginError(f"point {point.id} has no snapshot of disk '{disk}'")
+        return storage.PageBlobDisk(self.clients.container, blob, spec).read(
+            Extent(offset, length), snapshot=snap
+        )
+
+    def failover(
+        self,
+        protection: ProtectionInfo,
+        point: PointInfo,
+        *,
+        test: bool,
+        network: str | None = None,
+        size: str | None = None,
+        failover_id: int | None = None,
+    ) -> FailoverResult:
+        key = str(failover_id) if failover_id is not None else compute.new_key()
+        chosen = size or self.opts.vm_size or self.validate(protection.vm).size
+        if not chosen:
+            raise PluginError(f"no Azure VM size fits VM '{protection.vm.name}'")
+        fo = compute.Failover(self.clients, protection, key, self.step)
+        return fo.run(point, test, network, chosen)
+
+    def cleanup_test(self, protection: ProtectionInfo, ref: Mapping[str, Any]) -> None:
+        key = ref.get("failover_id")
+        if key is None:
+            raise PluginError("failover reference has no failover id; nothing to find by tag")
+        compute.Failover(self.clients, protection, str(key), self.step).cleanup()
+
+    def estimate_cost(self, usage: list[Usage]) -> CostEstimate:
+        return cost.estimate(usage, self.prices, self.opts.disk_sku)

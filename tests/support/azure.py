@@ -1,0 +1,102 @@
+"""The Azure doubles for tests: Azurite over HTTPS and the fake ARM, with one pinned cert."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from doubles.azure_arm import FakeArm
+from doubles.azurite_proc import Azurite, start_azurite
+from doubles.certs import make_cert
+
+SUBSCRIPTION = "00000000-0000-0000-0000-0000000000aa"
+RESOURCE_GROUP = "standby-dr"
+KEY_ENV = "STANDBY_TEST_AZURE_KEY"
+SECRET_ENV = "STANDBY_TEST_AZURE_SECRET"
+TENANT, CLIENT, SECRET = "test-tenant", "standby-app", "s3cret-for-the-fake"
+
+
+@dataclass
+class AzureEnv:
+    """Running Azurite + fake ARM, and how a site file reaches them."""
+
+    base: Path
+    cert: Path
+    key: Path
+    azurite: Azurite
+    arm: FakeArm
+
+    def site_raw(self, container: str, **extra: Any) -> dict[str, Any]:
+        """The keys of an Azure site file pointing at the doubles."""
+        raw: dict[str, Any] = {
+            "subscription_id": SUBSCRIPTION,
+            "resource_group": RESOURCE_GROUP,
+            "location": "westeurope",
+            "blob_endpoint": self.azurite.endpoint,
+            "container": container,
+            "storage_key": f"env:{KEY_ENV}",
+            "arm_endpoint": self.arm.url,
+            "ca_file": str(self.cert),
+            "credential": {
+                "kind": "client_secret",
+                "tenant_id": TENANT,
+                "client_id": CLIENT,
+                "client_secret": f"env:{SECRET_ENV}",
+                "authority": self.arm.url,
+            },
+            "network": {"vnet": "dr-vnet", "subnet": "default"},
+        }
+        raw.update(extra)
+        return raw
+
+    def site_toml(self, container: str, **extra: Any) -> str:
+        raw = self.site_raw(container, **extra)
+        cred = raw.pop("credential")
+        net = raw.pop("network")
+        lines = ['plugin = "azure"']
+        lines += [f"{k} = {_toml(v)}" for k, v in raw.items()]
+        lines.append(
+            f"network = {{ vnet = {_toml(net['vnet'])}, subnet = {_toml(net['subnet'])} }}"
+        )
+        lines.append("[credential]")
+        lines += [f"{k} = {_toml(v)}" for k, v in cred.items()]
+        return "\n".join(lines) + "\n"
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@contextmanager
+def azure_doubles(persist: bool = False) -> Iterator[AzureEnv]:
+    """Start Azurite (HTTPS) and the fake ARM with a cert made now; stop both at the end."""
+    base = Path(tempfile.mkdtemp(prefix="sbaz", dir="/tmp"))
+    cert, key = make_cert(base / "tls")
+    az = start_azurite(base / "azurite", cert, key, base / "blobs" if persist else None)
+    arm = FakeArm(az.account, az.key, cert, base / "tls", resource_groups=(RESOURCE_GROUP,))
+    arm.add_app(TENANT, CLIENT, SECRET)
+    arm.start()
+    old = {k: os.environ.get(k) for k in (KEY_ENV, SECRET_ENV)}
+    os.environ[KEY_ENV] = az.key
+    os.environ[SECRET_ENV] = SECRET
+    try:
+        yield AzureEnv(base, cert, key, az, arm)
+    finally:
+        arm.stop()
+        az.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(base, ignore_errors=True)
