@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from support.azure import AzureEnv, azure_doubles
 from support.labenv import Lab, kill_qemu, write_site
 
 
@@ -36,3 +37,10 @@ def labenv() -> Iterator[Lab]:
         env.release()
         kill_qemu(base)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def azenv() -> Iterator[AzureEnv]:
+    """Azurite (HTTPS, blobs on disk) and the fake ARM, one pinned certificate, per module."""
+    with azure_doubles(persist=True) as env:
+        yield env

@@ -507,7 +507,7 @@ def failover(
     as_json: JsonOpt = False,
 ) -> None:
     """Fail a VM over (`failover VM --test`), or remove a test failover (`failover cleanup VM`)."""
-    with opened(home(), BarProgress(steps=not as_json)) as engine:
+    with opened(home(), BarProgress()) as engine:
         if vm_or_action == "cleanup":
             if not vm:
                 raise ConfigError("usage: standby failover cleanup VM")

@@ -260,7 +260,9 @@ class AzureClients:
             read_timeout=120,
             initial_backoff=1,
             increment_base=2,
-            **self._common(),
+            random_jitter_range=1,
+            connection_verify=self.verify,
+            retry_total=2,  # the engine retries whole writes on top of this
         )
         return service.get_container_client(self.opts.container)
 

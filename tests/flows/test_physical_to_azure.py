@@ -1,0 +1,186 @@
+"""physical -> Azure: a real libvirt source VM replicated into Azurite, failed over via ARM."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import select
+
+from standby.core.config import Policy
+from standby.core.state import Failover, RecoveryPoint
+from standby.plugins.physical import lab as lab_mod
+from standby.providers.azure import vhd
+from standby.providers.azure.target import AzureTarget
+from support.azure import KEY_ENV, AzureEnv
+from support.labenv import Lab, MiB, write_site
+
+
+@pytest.fixture(scope="module")
+def lab(labenv: Lab, azenv: AzureEnv) -> Lab:
+    write_site(labenv.home, "azure", azenv.site_toml("replicas"))
+    return labenv
+
+
+def latest_point(env: Lab, vm: str) -> RecoveryPoint:
+    with env.engine.state.session() as s:
+        prot = env.engine.state.protection(s, vm)
+        point = s.scalars(
+            select(RecoveryPoint)
+            .where(RecoveryPoint.protection_id == prot.id, RecoveryPoint.state == "visible")
+            .order_by(RecoveryPoint.id.desc())
+        ).first()
+        assert point is not None
+        s.expunge(point)
+        return point
+
+
+def azure_target(env: Lab) -> AzureTarget:
+    target = env.engine.target("azure")
+    assert isinstance(target, AzureTarget)
+    return target
+
+
+def assert_point_equals_source(env: Lab, vm: str, disks: dict[str, int]) -> None:
+    """Each disk's snapshot, read back and stripped of its footer, equals the source disk."""
+    point = latest_point(env, vm)
+    container = azure_target(env).clients.container
+    for disk, size in disks.items():
+        blob = container.get_blob_client(
+            point.ref["blobs"][disk], snapshot=point.ref["snapshots"][disk]
+        )
+        data = blob.download_blob(max_concurrency=4).readall()
+        assert len(data) == vhd.blob_size(size)
+        footer = vhd.parse_footer(data[-vhd.FOOTER :])  # the footer validates
+        assert footer.size == vhd.virtual_size(size)
+        raw = env.base / f"{vm}-{disk}-point.raw"
+        raw.write_bytes(data[: -vhd.FOOTER])
+        env.flush(vm, disk)
+        same = lab_mod.images_equal(env.disk_path(vm, disk), raw, fmt_b="raw")
+        raw.unlink()
+        assert same, f"point of {vm}/{disk} differs from the source"
+
+
+def test_cycles_into_page_blobs_match_the_source(lab: Lab) -> None:
+    env = lab
+    env.create_vm("az1", [("vda", 48 * MiB, "qcow2"), ("vdb", 16 * MiB, "qcow2")])
+    env.write("az1", "vda", 1 * MiB, 3 * MiB, 0x11)
+    env.write("az1", "vdb", 0, 256 * 1024, 0x22)
+    env.engine.protect("az1", "src", "azure", Policy(retain_count=2))
+    full = env.engine.replicate("az1")
+    assert full.kind == "full" and full.bytes_read == 3 * MiB + 256 * 1024
+    assert_point_equals_source(env, "az1", {"vda": 48 * MiB, "vdb": 16 * MiB})
+
+    env.write("az1", "vda", 10 * MiB, 65536, 0x33)
+    env.zero("az1", "vda", 2 * MiB, 65536)
+    inc = env.engine.replicate("az1")
+    assert inc.kind == "incremental" and inc.bytes_written == 65536 and inc.bytes_zeroed == 65536
+    assert_point_equals_source(env, "az1", {"vda": 48 * MiB, "vdb": 16 * MiB})
+
+    # grow vdb: the old footer's place becomes disk space and must read as zeroes
+    env.src.lookupByName("az1").blockResize("vdb", 20 * MiB, 1)
+    env.write("az1", "vdb", 18 * MiB, 65536, 0x44)
+    env.engine.replicate("az1")
+    assert_point_equals_source(env, "az1", {"vda": 48 * MiB, "vdb": 20 * MiB})
+
+    # retention: two points kept, the dropped snapshots and manifests are gone
+    container = azure_target(env).clients.container
+    snaps = [
+        b
+        for b in container.list_blobs(name_starts_with="p", include=["snapshots"])
+        if b.snapshot and "az1" in b.name
+    ]
+    assert len(snaps) == 2 * 2
+    manifests = [
+        b.name
+        for b in container.list_blobs(name_starts_with="p")
+        if "/points/" in b.name and "az1" in b.name
+    ]
+    assert len(manifests) == 2
+    manifest = json.loads(container.download_blob(manifests[-1]).readall())
+    assert manifest["meta"]["consistency"] in ("crash", "app")
+    assert set(manifest["disks"]) == {"vda", "vdb"}
+    assert all(len(d["manifest_blake3"]) == 64 for d in manifest["meta"]["disks"].values())
+
+
+def test_test_failover_and_cleanup_through_the_cli(lab: Lab, azenv: AzureEnv) -> None:
+    env = lab
+    arm = azenv.arm
+    r = env.cli("failover", "az1", "--test", "--json", check=True)
+    data = json.loads(r.stdout)
+    assert data["target_vm"] == "az1-test"
+    assert "importing 2 managed disk(s)" in r.stderr  # steps are shown
+    vms = arm.resources("vms")
+    assert set(vms) == {"az1-test"}
+    vm = vms["az1-test"]["properties"]
+    assert vm["hardwareProfile"]["vmSize"] == "Standard_B1s"  # smallest size with 1 core/64 MiB
+    disks = arm.resources("disks")
+    assert len(disks) == 2
+    point = latest_point(env, "az1")
+    sources = {d["properties"]["creationData"]["sourceUri"] for d in disks.values()}
+    assert all("?snapshot=" in u for u in sources)
+    assert {u.split("snapshot=")[1] for u in sources} == set(point.ref["snapshots"].values())
+    nics = arm.resources("nics")
+    assert len(nics) == 1
+    subnet = next(iter(nics.values()))["properties"]["ipConfigurations"][0]["properties"]["subnet"]
+    assert "/virtualNetworks/standby-test-isolated/subnets/isolated" in subnet["id"]
+    assert all(r["tags"]["standby-failover"] == str(data["failover"]) for r in disks.values())
+
+    r = env.cli("failover", "cleanup", "az1", check=True)
+    assert not arm.resources("vms") and not arm.resources("disks") and not arm.resources("nics")
+
+
+def test_allocation_failure_and_throttling_during_failover(lab: Lab, azenv: AzureEnv) -> None:
+    env = lab
+    arm = azenv.arm
+    arm.inject("disk.create", status=429, times=2)
+    arm.inject("vm.create", code="AllocationFailed")
+    r = env.cli("failover", "az1", "--test")
+    assert r.returncode == 7, r.stderr
+    assert r.stderr.count("\n") <= 8 and "AllocationFailed" in r.stderr.splitlines()[-1]
+    assert sum(1 for _m, _p, status in arm.requests if status == 429) == 2
+    # rolled back: nothing left at the target, the failover is recorded as failed
+    assert not arm.resources("vms") and not arm.resources("disks") and not arm.resources("nics")
+    with env.engine.state.session() as s:
+        states = [f.state for f in s.scalars(select(Failover).order_by(Failover.id))]
+    assert states[-1] == "failed"
+    # and the next attempt works
+    env.cli("failover", "az1", "--test", check=True)
+    assert set(arm.resources("vms")) == {"az1-test"}
+    env.cli("failover", "cleanup", "az1", check=True)
+    assert not arm.resources("disks")
+
+
+def test_cost_estimate(lab: Lab) -> None:
+    r = lab.cli("cost", "az1", "--json", check=True)
+    (est,) = json.loads(r.stdout)
+    items = {line["item"] for line in est["lines"]}
+    assert "replica page blobs" in items and "after failover: VM Standard_B1s" in items
+    assert est["monthly_storage"] > 0 and est["hourly_after_failover"] > 0.0104
+    r = lab.cli("cost", "--site", "azure", check=True)
+    assert "per month" in r.stdout
+
+
+def test_bad_input_is_refused_with_one_line(lab: Lab, azenv: AzureEnv) -> None:
+    env = lab
+    # a disk above Azure's page-blob limit (sparse 9 TiB) is refused at protect, with the reason
+    env.create_vm("azbig", [("vda", 64 * MiB, "qcow2"), ("vdb", 9 << 40, "qcow2")])
+    r = env.cli("protect", "azbig", "--from", "src", "--to", "azure")
+    assert r.returncode == 5, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "disk 'vdb'" in r.stderr and "page blob" in r.stderr
+    # a wrong storage key: exit 4, one line, nothing recorded
+    env.create_vm("azkey", [("vda", 16 * MiB, "qcow2")])
+    r = env.cli(
+        "protect",
+        "azkey",
+        "--from",
+        "src",
+        "--to",
+        "azure",
+        env={KEY_ENV: "d3Jvbmcga2V5IGZvciB0aGUgdGVzdA=="},
+    )
+    assert r.returncode == 4, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "authentication" in r.stderr
+    r = env.cli("status", "--json", check=True)
+    assert "azkey" not in r.stdout
