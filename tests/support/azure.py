@@ -78,9 +78,13 @@ def _toml(v: Any) -> str:
 
 
 @contextmanager
-def azure_doubles(persist: bool = False) -> Iterator[AzureEnv]:
-    """Start Azurite (HTTPS) and the fake ARM with a cert made now; stop both at the end."""
-    base = Path(tempfile.mkdtemp(prefix="sbaz", dir="/tmp"))
+def azure_doubles(persist: bool = False, base: Path | None = None) -> Iterator[AzureEnv]:
+    """Start Azurite (HTTPS) and the fake ARM with a cert made now; stop both at the end.
+
+    With `base`, everything lives there and is kept afterwards; else in a temporary directory.
+    """
+    keep = base is not None
+    base = base or Path(tempfile.mkdtemp(prefix="sbaz", dir="/tmp"))
     cert, key = make_cert(base / "tls")
     az = start_azurite(base / "azurite", cert, key, base / "blobs" if persist else None)
     arm = FakeArm(az.account, az.key, cert, base / "tls", resource_groups=(RESOURCE_GROUP,))
@@ -99,4 +103,5 @@ def azure_doubles(persist: bool = False) -> Iterator[AzureEnv]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        shutil.rmtree(base, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(base, ignore_errors=True)

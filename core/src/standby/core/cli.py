@@ -539,6 +539,10 @@ def failover(
         )
 
 
+def _money(x: float) -> str:
+    return f"{x:.2f}" if x >= 1 else f"{x:.4f}"
+
+
 @app.command("cost")
 def cost(
     vm: Annotated[str | None, typer.Argument(help="A protected VM (default: all).")] = None,
@@ -575,12 +579,12 @@ def cost(
                 line.item,
                 f"{line.quantity:g} {line.unit}",
                 f"{line.unit_price:.4f}",
-                f"{line.monthly:.2f}" if line.monthly else "",
+                _money(line.monthly) if line.monthly else "",
                 f"{line.hourly:.4f}" if line.hourly else "",
             )
         out.print(table)
         out.print(
-            f"while protected: [bold]{e.monthly:.2f} {e.currency}/month[/]; after failover: "
+            f"while protected: [bold]{_money(e.monthly)} {e.currency}/month[/]; after failover: "
             f"[bold]{e.hourly:.4f} {e.currency}/hour[/] more"
         )
         for note in e.notes:
