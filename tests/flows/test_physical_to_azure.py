@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import time
 
 import pytest
 from sqlalchemy import select
 
 from standby.core.config import Policy
+from standby.core.engine import NullProgress
+from standby.core.errors import StandbyError, TransientError
 from standby.core.state import Failover, RecoveryPoint
 from standby.plugins.physical import lab as lab_mod
 from standby.providers.azure import vhd
 from standby.providers.azure.target import AzureTarget
 from support.azure import KEY_ENV, AzureEnv
-from support.labenv import Lab, MiB, write_site
+from support.labenv import STANDBY, Lab, MiB, write_site
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +189,77 @@ def test_bad_input_is_refused_with_one_line(lab: Lab, azenv: AzureEnv) -> None:
     assert len(r.stderr.strip().splitlines()) == 1 and "authentication" in r.stderr
     r = env.cli("status", "--json", check=True)
     assert "azkey" not in r.stdout
+
+
+def test_killed_failover_leaves_a_record_that_cleanup_clears(lab: Lab, azenv: AzureEnv) -> None:
+    env = lab
+    arm = azenv.arm
+    arm.slow("vm.create", 20)
+    env.release()
+    proc = subprocess.Popen(
+        [*STANDBY, "failover", "az1", "--test"],
+        env={**os.environ, "STANDBY_HOME": str(env.home)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while "az1-test" not in arm.resources("vms"):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+    arm.slow("vm.create", 0)
+    assert arm.resources("disks") and arm.resources("nics")
+    with env.engine.state.session() as s:
+        last = s.scalars(select(Failover).order_by(Failover.id.desc())).first()
+        assert last is not None and last.state == "starting"  # the record exists before Azure work
+    r = env.cli("failover", "cleanup", "az1", check=True)
+    assert not arm.resources("vms") and not arm.resources("disks") and not arm.resources("nics")
+    assert "deleting 1 VM(s)" in r.stderr
+
+
+class StopAzuriteMidCycle:
+    """Engine progress that stops Azurite once the copy has moved some bytes."""
+
+    def __init__(self, azenv: AzureEnv, after: int) -> None:
+        self.azenv, self.after, self.moved, self.done = azenv, after, 0, False
+
+    def start(self, description: str, total: int) -> None:
+        pass
+
+    def advance(self, amount: int) -> None:
+        self.moved += amount
+        if not self.done and self.moved >= self.after:
+            self.done = True
+            self.azenv.azurite.stop()
+
+    def finish(self) -> None:
+        pass
+
+
+def test_storage_down_mid_cycle_fails_cleanly_then_resumes(lab: Lab, azenv: AzureEnv) -> None:
+    env = lab
+    env.write("az1", "vda", 12 * MiB, 24 * MiB, 0x5A)
+    env.write("az1", "vdb", 4 * MiB, 8 * MiB, 0xA5)
+    with env.engine.state.session() as s:
+        before = len(
+            [p for p in env.engine.state.protection(s, "az1").points if p.state == "visible"]
+        )
+    env.engine.progress = StopAzuriteMidCycle(azenv, 4 * MiB)
+    env.engine.workers = 2
+    try:
+        with pytest.raises(StandbyError) as info:
+            env.engine.replicate("az1")
+    finally:
+        env.engine.progress = NullProgress()
+        env.engine.workers = 4
+    assert isinstance(info.value, TransientError), info.value
+    with env.engine.state.session() as s:
+        prot = env.engine.state.protection(s, "az1")
+        assert len([p for p in prot.points if p.state == "visible"]) == before  # no half point
+    azenv.restart_azurite()
+    report = env.engine.replicate("az1")
+    assert report.resumed
+    assert_point_equals_source(env, "az1", {"vda": 48 * MiB, "vdb": 20 * MiB})

@@ -55,6 +55,12 @@ class AzureEnv:
         raw.update(extra)
         return raw
 
+    def restart_azurite(self) -> None:
+        """Start Azurite again after a stop, on the same port with the same blobs on disk."""
+        self.azurite = start_azurite(
+            self.base / "azurite", self.cert, self.key, self.base / "blobs", port=self.azurite.port
+        )
+
     def site_toml(self, container: str, **extra: Any) -> str:
         raw = self.site_raw(container, **extra)
         cred = raw.pop("credential")
@@ -89,6 +95,7 @@ def azure_doubles(persist: bool = False, base: Path | None = None) -> Iterator[A
     az = start_azurite(base / "azurite", cert, key, base / "blobs" if persist else None)
     arm = FakeArm(az.account, az.key, cert, base / "tls", resource_groups=(RESOURCE_GROUP,))
     arm.add_app(TENANT, CLIENT, SECRET)
+    arm.vhd_alignment = 1 << 20  # real Azure: the VHD's data size is a whole number of MiB
     arm.start()
     old = {k: os.environ.get(k) for k in (KEY_ENV, SECRET_ENV)}
     os.environ[KEY_ENV] = az.key

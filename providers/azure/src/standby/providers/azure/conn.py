@@ -258,11 +258,11 @@ class AzureClients:
             max_single_put_size=4 << 20,
             connection_timeout=20,
             read_timeout=120,
-            initial_backoff=1,
+            initial_backoff=0.5,
             increment_base=2,
             random_jitter_range=1,
             connection_verify=self.verify,
-            retry_total=2,  # the engine retries whole writes on top of this
+            retry_total=1,  # the engine retries whole writes (with backoff) on top of this
         )
         return service.get_container_client(self.opts.container)
 

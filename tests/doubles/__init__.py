@@ -1,0 +1,1 @@
+"""Test doubles: fake Azure Resource Manager, Azurite process helper, TLS certificates."""
