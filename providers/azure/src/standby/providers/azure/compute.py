@@ -149,6 +149,11 @@ class Failover:
         self.rg = self.o.resource_group
         self.tags = {TAG_PROTECTION: str(protection.id), TAG_FAILOVER: key}
 
+    def _put(self, what: str, begin: Callable[..., Any], name: str, body: Any) -> Any:
+        """One create-or-update: start it, then wait for the long-running operation."""
+        poller = call(what, begin, self.rg, name, body)
+        return self._wait(poller, what)
+
     def _wait(self, poller: Any, what: str) -> Any:
         result = call(what, poller.result, timeout=self.o.operation_timeout)
         if not poller.done():
@@ -186,15 +191,11 @@ class Failover:
                 ],
             },
         }
-        self._wait(
-            call(
-                "create test network",
-                nw.virtual_networks.begin_create_or_update,
-                self.rg,
-                net.vnet,
-                body,
-            ),
+        self._put(
             f"create virtual network {net.vnet}",
+            nw.virtual_networks.begin_create_or_update,
+            net.vnet,
+            body,
         )
         return call("read subnet", nw.subnets.get, self.rg, net.vnet, net.subnet)
 
@@ -271,10 +272,11 @@ class Failover:
             "sku": {"name": self.o.disk_sku},
             "properties": props,
         }
-        poller = call(
-            f"import disk {name}", self.c.compute.disks.begin_create_or_update, self.rg, name, body
+        return str(
+            self._put(
+                f"import disk {name}", self.c.compute.disks.begin_create_or_update, name, body
+            ).id
         )
-        return str(self._wait(poller, f"import disk {name}").id)
 
     def _nic(self, name: str, subnet_id: str) -> Any:
         existing = self._existing(self.c.network.network_interfaces.get, name)
@@ -295,25 +297,17 @@ class Failover:
                 ]
             },
         }
-        poller = call(
+        return self._put(
             f"create NIC {name}",
             self.c.network.network_interfaces.begin_create_or_update,
-            self.rg,
             name,
             body,
         )
-        return self._wait(poller, f"create NIC {name}")
 
     def _vm(self, name: str, size: str, disk_ids: list[str], nic_ids: list[str]) -> Any:
         existing = self._existing(self.c.compute.virtual_machines.get, name)
-        if existing is not None:
-            if (existing.tags or {}).get(TAG_FAILOVER) != self.key:
-                raise ConfigError(
-                    f"an Azure VM named '{name}' already exists in '{self.rg}' and was not made "
-                    f"by this failover"
-                )
-            if existing.provisioning_state == "Succeeded":
-                return existing
+        if existing is not None and existing.provisioning_state == "Succeeded":
+            return existing  # made by this failover before it was interrupted
         body = {
             "location": self.o.location,
             "tags": self.tags,
@@ -337,14 +331,9 @@ class Failover:
                 },
             },
         }
-        poller = call(
-            f"create VM {name}",
-            self.c.compute.virtual_machines.begin_create_or_update,
-            self.rg,
-            name,
-            body,
+        return self._put(
+            f"create VM {name}", self.c.compute.virtual_machines.begin_create_or_update, name, body
         )
-        return self._wait(poller, f"create VM {name}")
 
     def _existing(self, getter: Callable[..., Any], name: str) -> Any:
         try:
