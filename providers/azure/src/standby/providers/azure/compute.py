@@ -173,7 +173,16 @@ class Failover:
             )
         nw = self.c.network
         try:
-            return call("read subnet", nw.subnets.get, self.rg, net.vnet, net.subnet)
+            subnet = call("read subnet", nw.subnets.get, self.rg, net.vnet, net.subnet)
+            if test:
+                vnet = call("read test network", nw.virtual_networks.get, self.rg, net.vnet)
+                peers = [p.name for p in (vnet.virtual_network_peerings or [])]
+                if peers:
+                    raise ConfigError(
+                        f"test network '{net.vnet}' is peered with {', '.join(peers)}: it is not "
+                        f"isolated; name an unpeered virtual network in 'test_network'"
+                    )
+            return subnet
         except NotFound as exc:
             if not test or override:
                 raise ConfigError(

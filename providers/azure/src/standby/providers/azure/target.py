@@ -36,6 +36,23 @@ class AzureTarget(Target):
         max_parallel_writes=8,
     )
 
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        import importlib.util
+
+        for mod in (
+            "azure.storage.blob",
+            "azure.identity",
+            "azure.mgmt.compute",
+            "azure.mgmt.network",
+        ):
+            try:
+                if importlib.util.find_spec(mod) is None:
+                    return f"Python package for {mod} is not installed"
+            except ModuleNotFoundError:
+                return f"Python package for {mod} is not installed"
+        return None
+
     @cached_property
     def opts(self) -> AzureOptions:
         return self.site.options(AzureOptions)
