@@ -100,11 +100,12 @@ def azure_doubles(persist: bool = False, base: Path | None = None) -> Iterator[A
     old = {k: os.environ.get(k) for k in (KEY_ENV, SECRET_ENV)}
     os.environ[KEY_ENV] = az.key
     os.environ[SECRET_ENV] = SECRET
+    env = AzureEnv(base, cert, key, az, arm)
     try:
-        yield AzureEnv(base, cert, key, az, arm)
+        yield env
     finally:
         arm.stop()
-        az.stop()
+        env.azurite.stop()  # the one running now (a test may have restarted it)
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
