@@ -149,7 +149,7 @@ def test_failover_to_a_chosen_older_point(labenv: Lab) -> None:
     fo = env.engine.failover("fo2", test=True, point_id=older)
     assert fo.point_id == older
     assert lab.has_pattern(Path(fo.ref["dir"]) / "vda.qcow2", 0, MiB, 0x81)
-    with pytest.raises(ConfigError, match="already has a test failover"):
+    with pytest.raises(ConfigError, match="has a test failover running"):
         env.engine.failover("fo2", test=True)
     env.engine.cleanup("fo2")
     with pytest.raises(NotFound, match="no test failover"):

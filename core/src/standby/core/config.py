@@ -162,6 +162,7 @@ class Policy(BaseModel):
     app_consistent_every_seconds: int = 0
     bandwidth_mbps: float = 0.0
     verify: str = "full"
+    shutdown_timeout_seconds: int = 120
 
     @classmethod
     def from_toml(cls, data: dict[str, Any], where: str) -> Policy:
@@ -173,12 +174,13 @@ class Policy(BaseModel):
             "app_consistent_every": "app_consistent_every_seconds",
             "bandwidth_mbps": "bandwidth_mbps",
             "verify": "verify",
+            "shutdown_timeout": "shutdown_timeout_seconds",
         }
         out: dict[str, Any] = {}
         for key, value in data.items():
             if key not in mapping:
                 raise ConfigError(f"{where}: unknown key '{key}'")
-            if key in ("rpo", "retain_age", "app_consistent_every"):
+            if key in ("rpo", "retain_age", "app_consistent_every", "shutdown_timeout"):
                 value = parse_duration(value, f"{where}: key '{key}'")
             out[mapping[key]] = value
         try:

@@ -29,7 +29,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from standby.core import plugins
+from standby.core import lifecycle, plugins
 from standby.core.config import Policy, Site, get_site
 from standby.core.errors import (
     CapabilityNotSupported,
@@ -40,6 +40,7 @@ from standby.core.errors import (
 )
 from standby.core.extents import (
     BLOCK,
+    UNKNOWN_DIGEST,
     ZERO_DIGEST,
     Intervals,
     Manifest,
@@ -182,6 +183,9 @@ class _DiskJob:
     manifest: Manifest
     done: bytearray
     written: list[tuple[int, int]] = field(default_factory=list)
+    reconcile: bool = False
+    """The base is a re-protect seed: blocks of unknown content are read back from the
+    target and hashed (compare against the original disks) instead of being shipped blind."""
 
 
 class Engine:
@@ -427,9 +431,15 @@ class Engine:
                     f"source VM '{prot.vm_name}' no longer exists at site '{prot.source_site}'; "
                     f"the protection and its {n} recovery point(s) are kept"
                 ) from None
+            if prot.state != "protected":
+                raise ConfigError(
+                    f"VM '{prot.vm_name}' is {prot.state}; replication is stopped until "
+                    f"`standby reprotect {prot.vm_name}`"
+                )
             old = VMSpec.from_dict(prot.spec)
             self._check_disks(prot, old, vm, target)
-            base = self._latest_point(s, prot.id)
+            base = self._latest_point(s, prot.id, with_seed=True)
+            seeded = base is not None and base.state == "seed"
             base_info = point_info(base) if base else None
             tokens = {
                 t.disk: t.token
@@ -507,6 +517,7 @@ class Engine:
                         base_info,
                         prev_manifests,
                         progress_state.get(d.name),
+                        seeded,
                     )
                     for d in vm.disks
                 ]
@@ -562,10 +573,14 @@ class Engine:
                 )
         prot.spec = vm.to_dict()
 
-    def _latest_point(self, s: Session, protection_id: int) -> RecoveryPoint | None:
+    def _latest_point(
+        self, s: Session, protection_id: int, with_seed: bool = False
+    ) -> RecoveryPoint | None:
+        """The newest visible point (or, as a cycle's base, the re-protect seed before it)."""
+        states = ("visible", "seed") if with_seed else ("visible",)
         return s.scalars(
             select(RecoveryPoint)
-            .where(RecoveryPoint.protection_id == protection_id, RecoveryPoint.state == "visible")
+            .where(RecoveryPoint.protection_id == protection_id, RecoveryPoint.state.in_(states))
             .order_by(RecoveryPoint.id.desc())
         ).first()
 
@@ -600,6 +615,7 @@ class Engine:
         base: PointInfo | None,
         prev: dict[str, Manifest],
         progress: tuple[str, Intervals, Intervals, Manifest] | None,
+        seeded: bool = False,
     ) -> _DiskJob:
         """Decide what to read for one disk: changed extents, or all allocated + hash-compare."""
         extents = align_out(((e.offset, e.end) for e in source.changed_extents(snap, disk)), size)
@@ -638,6 +654,7 @@ class Engine:
             units=units,
             manifest=manifest,
             done=bytearray(len(units)),
+            reconcile=seeded,
         )
 
     def _copy(
@@ -674,6 +691,8 @@ class Engine:
                     f"short read on disk '{job.name}' at {start}: {len(data)} of {end - start}"
                 )
             view = memoryview(data)
+            if job.reconcile:
+                self._reconcile(writer, job, start, end)
             digests: list[tuple[int, bytes]] = []
             runs: list[tuple[bool, int, int]] = []  # (is_zero, start, end) to write
             for off in range(start, end, BLOCK):
@@ -747,6 +766,18 @@ class Engine:
         self._checkpoint(cycle_id, writer, jobs, lock)
         self.progress.finish()
         return stats
+
+    @staticmethod
+    def _reconcile(writer: ReplicaWriter, job: _DiskJob, start: int, end: int) -> None:
+        """Learn what the target holds where the seed manifest does not know (one read)."""
+        first, last = start // BLOCK, -(-end // BLOCK)
+        if all(job.manifest.get(i) != UNKNOWN_DIGEST for i in range(first, last)):
+            return
+        held = memoryview(writer.read(job.name, Extent(start, end - start)))
+        for i in range(first, last):
+            if job.manifest.get(i) == UNKNOWN_DIGEST:
+                lo = i * BLOCK - start
+                job.manifest.set(i, block_digest(held[lo : min(end - start, lo + BLOCK)]))
 
     def _checkpoint(
         self, cycle_id: int, writer: ReplicaWriter, jobs: list[_DiskJob], lock: threading.Lock
@@ -1005,71 +1036,24 @@ class Engine:
     # ----------------------------------------------------------------- failover
 
     def failover(
-        self, vm_key: str, *, test: bool, point_id: int | None = None, network: str | None = None
+        self,
+        vm_key: str,
+        *,
+        test: bool = False,
+        kind: str | None = None,
+        point_id: int | None = None,
+        network: str | None = None,
+        run_id: int | None = None,
     ) -> Failover:
-        """Start a VM at the target from a recovery point (the latest unless one is named)."""
-        if not test:
-            raise CapabilityNotSupported(
-                "only test failover is available in this release (planned/unplanned: see docs)"
-            )
-        with self.state.session() as s:
-            prot = self.state.protection(s, vm_key)
-        with self.lock(prot, "failover"):
-            with self.state.session() as s:
-                prot = self.state.protection(s, vm_key)
-                running = next(iter(_failovers(s, prot.id, ACTIVE)), None)
-                if running is not None:
-                    raise ConfigError(
-                        f"VM '{prot.vm_name}' already has a test failover running "
-                        f"(failover {running.id}); run `standby failover cleanup {prot.vm_name}`"
-                    )
-                if point_id is None:
-                    point = self._latest_point(s, prot.id)
-                    if point is None:
-                        raise NotFound(f"VM '{prot.vm_name}' has no recovery point yet")
-                else:
-                    point = s.get(RecoveryPoint, point_id)
-                    if point is None or point.protection_id != prot.id or point.state != "visible":
-                        raise NotFound(
-                            f"recovery point {point_id} does not exist for VM '{prot.vm_name}'"
-                        )
-                fo = Failover(protection_id=prot.id, point_id=point.id, kind="test")
-                s.add(fo)
-                s.flush()
-                fo_id = fo.id
-                pinfo = protection_info(prot)
-                pt = point_info(point)
-                size = prot.target_size
-                self.state.log(
-                    s,
-                    "failover",
-                    f"test failover of {prot.vm_name} from point {point.id} started",
-                    prot.id,
-                )
-            target = self.target(pinfo.target_site)
-            target.on_step = self._stepper(pinfo.id, fo_id)
-            try:
-                result = target.failover(
-                    pinfo, pt, test=test, network=network, size=size, failover_id=fo_id
-                )
-            except BaseException as exc:
-                with self.state.session() as s:
-                    f = s.get(Failover, fo_id)
-                    assert f is not None
-                    f.state = "failed"
-                    f.error = str(exc)
-                    f.finished_at = datetime.now(UTC)
-                with suppress(StandbyError):
-                    target.cleanup_test(pinfo, {"failover_id": fo_id})
-                raise
-            with self.state.session() as s:
-                f = s.get(Failover, fo_id)
-                assert f is not None
-                f.state = "running"
-                f.ref = result.ref
-                f.vm_name = result.vm_name
-                self.state.log(s, "failover", result.summary, pinfo.id)
-                return f
+        """Start a VM at the target from a recovery point (see `standby.core.lifecycle`)."""
+        return lifecycle.failover(
+            self,
+            vm_key,
+            kind or ("test" if test else "unplanned"),
+            point_id=point_id,
+            network=network,
+            run_id=run_id,
+        )
 
     def _stepper(self, protection_id: int, failover_id: int) -> Any:
         """A callback that records a failover step as an event and shows it as progress."""
@@ -1086,44 +1070,20 @@ class Engine:
 
     def cleanup(self, vm_key: str) -> list[int]:
         """Remove every test failover of a VM (idempotent)."""
-        with self.state.session() as s:
-            prot = self.state.protection(s, vm_key)
-        with self.lock(prot, "failover cleanup"):
-            with self.state.session() as s:
-                rows = [f for f in _failovers(s, prot.id, UNCLEANED) if f.kind == "test"]
-                work = [(f.id, dict(f.ref) or {"failover_id": f.id}) for f in rows]
-                pinfo = protection_info(prot)
-            if not work:
-                raise NotFound(f"VM '{prot.vm_name}' has no test failover to clean up")
-            target = self.target(pinfo.target_site)
-            for fo_id, ref in work:
-                target.on_step = self._stepper(pinfo.id, fo_id)
-                target.cleanup_test(pinfo, ref)
-                self.progress.finish()
-                with self.state.session() as s:
-                    f = s.get(Failover, fo_id)
-                    assert f is not None
-                    f.state = "cleaned"
-                    f.finished_at = datetime.now(UTC)
-                    self.state.log(s, "cleanup", f"test failover {fo_id} cleaned up", pinfo.id)
-            return [w[0] for w in work]
+        return lifecycle.cleanup(self, vm_key)
+
+    def commit(self, vm_key: str) -> Failover:
+        return lifecycle.commit(self, vm_key)
+
+    def reprotect(self, vm_key: str) -> Protection:
+        return lifecycle.reprotect(self, vm_key)
+
+    def failback(self, vm_key: str) -> Failover:
+        return lifecycle.failback(self, vm_key)
 
 
-ACTIVE = ("starting", "running")
-"""Failover states whose VM is (or may be) up at the target."""
-UNCLEANED = (*ACTIVE, "failed")
-"""Failover states that may have left something at the target for `cleanup`."""
-
-
-def _failovers(s: Session, protection_id: int, states: tuple[str, ...]) -> list[Failover]:
-    """A protection's failovers in the given states, oldest first."""
-    return list(
-        s.scalars(
-            select(Failover)
-            .where(Failover.protection_id == protection_id, Failover.state.in_(states))
-            .order_by(Failover.id)
-        )
-    )
+_failovers = lifecycle.failovers
+ACTIVE, UNCLEANED = lifecycle.ACTIVE, lifecycle.UNCLEANED
 
 
 def status_rows(state: State, home: Path | None = None) -> list[dict[str, Any]]:

@@ -153,7 +153,8 @@ class Source(Plugin):
     def release_tokens(self, vm: VMSpec, keep: Mapping[str, str | None]) -> None:
         """Drop source-side change-tracking state other than `keep` (stale checkpoints)."""
 
-    def power_off(self, vm: VMSpec) -> None:
+    def power_off(self, vm: VMSpec, force: bool = False) -> None:
+        """Ask the guest to shut down (`force`: power off at once); returns without waiting."""
         raise CapabilityNotSupported(f"plugin '{self.plugin_name}' cannot power VMs off")
 
     def power_on(self, vm: VMSpec) -> None:
@@ -259,6 +260,22 @@ class Target(Plugin):
     @abstractmethod
     def remove(self, protection: ProtectionInfo, points: list[PointInfo]) -> None:
         """Remove every replica and point of a protection (unprotect)."""
+
+    def commit_failover(
+        self,
+        protection: ProtectionInfo,
+        ref: Mapping[str, Any],
+        point: PointInfo,
+        released: list[PointInfo],
+    ) -> None:
+        """A real failover from `point` is final: free what no longer serves (the points
+        `released`, replication helpers); what the failed-over VM runs on stays."""
+        self.prune(protection, released, [point])
+
+    def seed(self, protection: ProtectionInfo, original: VMSpec) -> dict[str, Any] | None:
+        """For re-protect towards this site: a point ref over the VM's original disks here
+        (shut down; the new replica is layered on them), or None to copy everything."""
+        return None
 
     def estimate_cost(self, usage: list[Usage]) -> CostEstimate:
         """Monthly storage and hourly compute cost of the given protections at this site."""

@@ -9,9 +9,11 @@ from standby.core.state.db import (
     CycleDisk,
     Event,
     Failover,
+    PlanRun,
     PointDisk,
     Protection,
     RecoveryPoint,
+    RunStep,
     SiteRecord,
     State,
 )
@@ -23,9 +25,11 @@ __all__ = [
     "CycleDisk",
     "Event",
     "Failover",
+    "PlanRun",
     "PointDisk",
     "Protection",
     "RecoveryPoint",
+    "RunStep",
     "SiteRecord",
     "State",
 ]

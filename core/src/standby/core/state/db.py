@@ -62,6 +62,11 @@ class Protection(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     target_size: Mapped[str | None] = mapped_column(String(64), nullable=True)
     state: Mapped[str] = mapped_column(String(32), default="protected")
+    """protected | failed-over | committed (then `reprotect` swaps the direction)."""
+    home_site: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """The site the VM ran at when first protected (failback goes there)."""
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    """1 for the first direction; +1 at every re-protect (points of older generations retire)."""
     health: Mapped[str] = mapped_column(String(32), default="ok")
     health_reason: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -161,6 +166,49 @@ class Failover(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
     error: Mapped[str] = mapped_column(Text, default="")
+    running_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    point_time: Mapped[datetime | None] = mapped_column(nullable=True)
+    data_loss_seconds: Mapped[float | None] = mapped_column(nullable=True)
+    run_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    committed_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class PlanRun(Base):
+    """One run of a recovery plan (or a drill): a persisted state machine of steps."""
+
+    __tablename__ = "plan_runs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    plan_name: Mapped[str] = mapped_column(String(128))
+    plan_path: Mapped[str] = mapped_column(Text, default="")
+    plan: Mapped[dict[str, Any]] = mapped_column(JSON)
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default="running")
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str] = mapped_column(Text, default="")
+    report: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    steps: Mapped[list[RunStep]] = relationship(order_by="RunStep.seq")
+
+
+class RunStep(Base):
+    """One step of a plan run; finished steps are never repeated on resume."""
+
+    __tablename__ = "run_steps"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("plan_runs.id"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    key: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16))
+    group_name: Mapped[str] = mapped_column(String(64), default="")
+    vm: Mapped[str] = mapped_column(String(128), default="")
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    started_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    output: Mapped[str] = mapped_column(Text, default="")
+    result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
 class Event(Base):
@@ -177,7 +225,7 @@ class Event(Base):
 
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-SCHEMA_HEAD = "0001"
+SCHEMA_HEAD = "0002"
 """The newest Alembic revision; a database already there skips Alembic (0.4 s) on open."""
 
 

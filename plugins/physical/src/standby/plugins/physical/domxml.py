@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from standby.core.model import DiskSpec, Firmware, NicSpec, VMSpec
@@ -100,8 +102,30 @@ def disk_sources(xml: str) -> dict[str, dict[str, Any]]:
         src = disk.find("source")
         if target is None or src is None:
             continue
+        driver = disk.find("driver")
         out[str(target.get("dev"))] = {
             "file": src.get("file") or src.get("dev"),
             "index": src.get("index"),
+            "format": driver.get("type") if driver is not None else None,
         }
     return out
+
+
+def swap_disks(xml: str, files: Mapping[str, Path]) -> str:
+    """A domain definition with the given disks pointing at new qcow2 files."""
+    root = ET.fromstring(xml)
+    for disk in root.iter("disk"):
+        target = disk.find("target")
+        dev = target.get("dev") if target is not None else None
+        if dev is None or dev not in files:
+            continue
+        disk.set("type", "file")
+        for child in list(disk):
+            if child.tag in ("source", "backingStore"):
+                disk.remove(child)
+        driver = disk.find("driver")
+        if driver is None:
+            driver = ET.SubElement(disk, "driver", {"name": "qemu"})
+        driver.set("type", "qcow2")
+        ET.SubElement(disk, "source", {"file": str(files[dev])})
+    return ET.tostring(root, encoding="unicode")

@@ -269,11 +269,14 @@ class PhysicalSource(lv.LibvirtPlugin, Source):
 
     # ------------------------------------------------------------ power
 
-    def power_off(self, vm: VMSpec) -> None:
+    def power_off(self, vm: VMSpec, force: bool = False) -> None:
         with lv.libvirt_errors(f"VM '{vm.name}': shutdown"):
             dom = self._domain(vm.id)
             if dom.isActive():
-                dom.shutdown()
+                if force:
+                    dom.destroy()
+                else:
+                    dom.shutdown()
 
     def power_on(self, vm: VMSpec) -> None:
         with lv.libvirt_errors(f"VM '{vm.name}': start"):

@@ -39,7 +39,7 @@ from standby.core.model import (
     VMSpec,
 )
 from standby.plugins.physical import conn as lv
-from standby.plugins.physical.domxml import bus_for
+from standby.plugins.physical.domxml import bus_for, disk_sources, swap_disks
 from standby.plugins.physical.nbdio import NbdPool, nbd_module
 
 QCOW2_MAX = 64 << 40  # 64 TiB: what this target accepts per disk
@@ -324,7 +324,8 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
                 backing = base_files.get(disk.name)
                 args = ["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"]
                 if backing:
-                    args += ["-b", backing, "-F", "qcow2"]
+                    fmt = base.ref.get("formats", {}).get(disk.name, "qcow2") if base else "qcow2"
+                    args += ["-b", backing, "-F", fmt]
                 _qemu_img(*args, str(tmp), str(disk.size))
                 tmp.rename(path)
             elif _virtual_size(path) < disk.size:
@@ -449,20 +450,36 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
         size: str | None = None,
         failover_id: int | None = None,
     ) -> FailoverResult:
-        if not test:
-            raise CapabilityNotSupported("physical target: only test failover in this release")
+        """A domain on fresh overlays over the point's files.
+
+        Test: `<vm>-test`, NICs without uplink, a console socket. Real (planned/unplanned):
+        a domain named like the VM with its UUID and MACs on the mapped networks; a shut-off
+        domain of that name (the VM's original definition, on failback) gets its disks
+        switched to the overlays and keeps everything else.
+        """
         vm = protection.vm
-        name = self.test_name(protection)
+        name = self.test_name(protection) if test else vm.name
         libvirt = lv.libvirt_module()
+        fdir = self.vm_dir(protection) / (
+            "test-failover" if test else f"failover-{failover_id or 0}"
+        )
+        existing = None
         try:
-            self.conn.lookupByName(name)
-            raise ConfigError(f"a domain named '{name}' already exists at '{self.site.name}'")
+            existing = self.conn.lookupByName(name)
         except libvirt.libvirtError:
             pass
-        fdir = self.vm_dir(protection) / "test-failover"
+        if existing is not None:
+            xml = existing.XMLDesc(0)
+            if str(fdir) in xml and not test:  # made by this failover before an interruption
+                with lv.libvirt_errors(f"failover of {vm.name}"):
+                    if not existing.isActive():
+                        existing.create()
+                return self._result(protection, point, name, fdir, test)
+            if test or existing.isActive():
+                raise ConfigError(f"a domain named '{name}' already exists at '{self.site.name}'")
         fdir.mkdir(parents=True, exist_ok=True)
         files = dict(point.ref.get("files", {}))
-        disks_xml = []
+        overlays: dict[str, Path] = {}
         for disk in vm.disks:
             if disk.name not in files:
                 raise PluginError(f"point {point.id} has no replica of disk {disk.name}")
@@ -476,37 +493,123 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
                 "-b",
                 files[disk.name],
                 "-F",
-                "qcow2",
+                point.ref.get("formats", {}).get(disk.name, "qcow2"),
                 str(overlay),
                 str(point.disks.get(disk.name, disk.size)),
             )
-            disks_xml.append(
-                f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
-                f"<source file='{overlay}'/><target dev='{disk.name}' bus='{bus_for(disk.name)}'/>"
-                "</disk>"
+            overlays[disk.name] = overlay
+        if existing is not None:
+            xml = swap_disks(existing.XMLDesc(0), overlays)
+        else:
+            xml = self._domain_xml(protection, name, overlays, test, network)
+        with lv.libvirt_errors(f"failover of {vm.name}"):
+            dom = self.conn.defineXML(xml)
+            try:
+                dom.create()
+            except Exception:
+                if existing is None:
+                    with suppress(libvirt.libvirtError):
+                        dom.undefine()
+                raise
+        return self._result(protection, point, name, fdir, test)
+
+    def _domain_xml(
+        self,
+        protection: ProtectionInfo,
+        name: str,
+        overlays: Mapping[str, Path],
+        test: bool,
+        network: str | None,
+    ) -> str:
+        vm = protection.vm
+        disks_xml = "".join(
+            f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+            f"<source file='{path}'/><target dev='{disk}' bus='{bus_for(disk)}'/></disk>"
+            for disk, path in overlays.items()
+        )
+        if test:
+            nics = self._isolated_nics(vm, protection)
+        elif self._has_networks():
+            nics = self._mapped_nics(vm, network)
+        else:  # embedded libvirt has no network driver: QEMU's own user-mode networking
+            nics = "".join(
+                f"<interface type='user'><mac address='{n.mac}'/><model type='{n.model}'/>"
+                "</interface>"
+                for n in vm.nics
             )
-        nics = self._isolated_nics(vm, protection) if test else self._mapped_nics(vm, network)
-        console = self.opts.work_path() / f"console-{protection.id}.sock"
+        console = self.opts.work_path() / (
+            f"console-{protection.id}.sock" if test else f"console-{protection.id}-{name}.sock"
+        )
         console.unlink(missing_ok=True)
-        os_xml = self._os_xml(vm)
-        xml = (
-            f"<domain type='{self.opts.domain_type}'><name>{name}</name>"
-            f"<memory unit='MiB'>{vm.memory_mib}</memory><vcpu>{vm.cpus}</vcpu>{os_xml}"
-            "<on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash>"
-            f"<devices>{''.join(disks_xml)}{nics}"
+        uuid = "" if test else f"<uuid>{vm.id}</uuid>"
+        return (
+            f"<domain type='{self.opts.domain_type}'><name>{name}</name>{uuid}"
+            f"<memory unit='MiB'>{vm.memory_mib}</memory><vcpu>{vm.cpus}</vcpu>"
+            f"{self._os_xml(vm)}<on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash>"
+            f"<devices>{disks_xml}{nics}"
             f"<serial type='unix'><source mode='bind' path='{console}'/></serial>"
             "<console type='unix'><target type='serial'/></console>"
             "<memballoon model='none'/></devices></domain>"
         )
-        with lv.libvirt_errors(f"test failover of {vm.name}"):
-            dom = self.conn.defineXML(xml)
-            dom.create()
+
+    def _result(
+        self, protection: ProtectionInfo, point: PointInfo, name: str, fdir: Path, test: bool
+    ) -> FailoverResult:
+        where = "isolated network, source untouched" if test else "mapped networks"
         return FailoverResult(
-            ref={"domain": name, "dir": str(fdir), "console": str(console)},
+            ref={
+                "domain": name,
+                "dir": str(fdir),
+                "console": str(self.opts.work_path() / f"console-{protection.id}.sock"),
+                "files": {d.name: str(fdir / f"{d.name}.qcow2") for d in protection.vm.disks},
+                "addresses": [],
+            },
             vm_name=name,
-            summary=f"{name} running at '{self.site.name}' from point {point.id} "
-            f"(isolated network, source untouched)",
+            summary=f"{name} running at '{self.site.name}' from point {point.id} ({where})",
         )
+
+    def seed(self, protection: ProtectionInfo, original: VMSpec) -> dict[str, Any] | None:
+        """The original domain's disks (it must be shut off) as the base of the new replica."""
+        libvirt = lv.libvirt_module()
+        try:
+            dom = self.conn.lookupByUUIDString(original.id)
+        except libvirt.libvirtError:
+            try:
+                dom = self.conn.lookupByName(original.name)
+            except libvirt.libvirtError:
+                return None
+        with lv.libvirt_errors(f"original VM {original.name}"):
+            if dom.isActive():
+                raise ConfigError(
+                    f"the original VM '{original.name}' is running at '{self.site.name}'; shut "
+                    "it down before re-protecting towards it"
+                )
+            sources = disk_sources(dom.XMLDesc(0))
+        files = {d: str(v["file"]) for d, v in sources.items() if v.get("file")}
+        if not all(d.name in files for d in protection.vm.disks):
+            return None
+        return {
+            "files": {d.name: files[d.name] for d in protection.vm.disks},
+            "formats": {
+                d.name: sources[d.name].get("format") or "raw" for d in protection.vm.disks
+            },
+            "seed": True,
+        }
+
+    def commit_failover(
+        self,
+        protection: ProtectionInfo,
+        ref: Mapping[str, Any],
+        point: PointInfo,
+        released: list[PointInfo],
+    ) -> None:
+        """The failed-over VM runs on the point's chain: stop the replica appliance and drop
+        files of released points that are not in that chain (the newer ones)."""
+        self._destroy(self.appliance_name(protection))
+        for p in released:
+            if p.id > point.id:
+                for f in p.ref.get("files", {}).values():
+                    Path(f).unlink(missing_ok=True)
 
     def _os_xml(self, vm: VMSpec) -> str:
         machine = vm.extra.get("machine", "pc")
@@ -524,6 +627,12 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
         return f"<os{fw}><type arch='x86_64' machine='{machine}'>hvm</type>{boot}</os>"
 
     def cleanup_test(self, protection: ProtectionInfo, ref: Mapping[str, Any]) -> None:
+        if ref.get("kind", "test") != "test":  # a real failover that failed part-way
+            shutil.rmtree(
+                self.vm_dir(protection) / f"failover-{ref.get('failover_id', 0)}",
+                ignore_errors=True,
+            )
+            return
         self._destroy(str(ref.get("domain") or self.test_name(protection)))
         fdir = Path(ref.get("dir") or self.vm_dir(protection) / "test-failover")
         shutil.rmtree(fdir, ignore_errors=True)
