@@ -157,10 +157,7 @@ def open_connection(site: Site, opts: PhysicalOptions) -> Any:
     what = f"site '{site.name}' ({opts.uri})"
     try:
         if root is not None:
-            prepare_embed_root(root)
-            from standby.plugins.physical.agent import open_embedded
-
-            return open_embedded(opts.uri)
+            return _shared_embedded(opts.uri, root)
         _start_event_loop()
         if opts.password is None and opts.username is None:
             return libvirt.open(opts.uri)
@@ -185,6 +182,51 @@ def open_connection(site: Site, opts: PhysicalOptions) -> Any:
         if type(err) is PluginError:
             err = TransientError(str(err))
         raise err from exc
+
+
+_embedded: dict[str, list[Any]] = {}
+"""URI -> [agent proxy, users]: one agent per embedded root per process, shared by the source
+and the target of that site (re-protect uses a DR site as a source)."""
+
+
+class _SharedConn:
+    """A user's handle on a shared embedded connection; `close` drops only this user."""
+
+    def __init__(self, uri: str, proxy: Any) -> None:
+        self._uri = uri
+        self._proxy = proxy
+        self._closed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._proxy, name)
+
+    def qemu_monitor(self, command: str, flags: int) -> str:
+        return str(self._proxy.qemu_monitor(command, flags))
+
+    def close(self) -> int:
+        if self._closed:
+            return 0
+        self._closed = True
+        with _loop_lock:
+            entry = _embedded.get(self._uri)
+            if entry is not None:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del _embedded[self._uri]
+                    entry[0].close()
+        return 0
+
+
+def _shared_embedded(uri: str, root: Path) -> _SharedConn:
+    with _loop_lock:
+        entry = _embedded.get(uri)
+        if entry is None:
+            prepare_embed_root(root)
+            from standby.plugins.physical.agent import open_embedded
+
+            entry = _embedded[uri] = [open_embedded(uri), 0]
+        entry[1] += 1
+        return _SharedConn(uri, entry[0])
 
 
 def qemu_monitor(dom: Any, command: str, flags: int = 0) -> str:
