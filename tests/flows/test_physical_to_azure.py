@@ -263,3 +263,42 @@ def test_storage_down_mid_cycle_fails_cleanly_then_resumes(lab: Lab, azenv: Azur
     report = env.engine.replicate("az1")
     assert report.resumed
     assert_point_equals_source(env, "az1", {"vda": 48 * MiB, "vdb": 20 * MiB})
+
+
+def test_unplanned_failover_to_azure_commit_and_no_reprotect_yet(lab: Lab, azenv: AzureEnv) -> None:
+    env = lab
+    arm = azenv.arm
+    net = azure_target(env).clients.network
+    net.virtual_networks.begin_create_or_update(
+        "standby-dr",
+        "dr-vnet",
+        {
+            "location": "westeurope",
+            "properties": {
+                "addressSpace": {"addressPrefixes": ["10.1.0.0/16"]},
+                "subnets": [{"name": "default", "properties": {"addressPrefix": "10.1.0.0/24"}}],
+            },
+        },
+    ).result()
+    env.engine.replicate("az1")
+    fo = env.engine.failover("az1", kind="unplanned")
+    assert fo.vm_name == "az1" and fo.data_loss_seconds is not None
+    nic = next(iter(arm.resources("nics").values()))
+    subnet = nic["properties"]["ipConfigurations"][0]["properties"]["subnet"]["id"]
+    assert subnet.endswith("/virtualNetworks/dr-vnet/subnets/default")
+    with env.engine.state.session() as s:
+        prot = env.engine.state.protection(s, "az1")
+        kept = [p.ref["snapshots"] for p in prot.points if p.state == "visible"]
+    assert len(kept) == 2
+    env.engine.commit("az1")
+    container = azure_target(env).clients.container
+    snaps = {
+        b.snapshot
+        for b in container.list_blobs(name_starts_with="p", include=["snapshots"])
+        if b.snapshot and "az1" in b.name
+    }
+    assert snaps == set(kept[-1].values()) or snaps == set(kept[0].values())
+    assert len(snaps) == 2  # one point (2 disks) kept: the one the VM came from
+    assert "az1" in arm.resources("vms")
+    r = env.cli("reprotect", "az1")
+    assert r.returncode == 5 and "cannot be a replication source" in r.stderr
