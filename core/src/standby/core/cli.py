@@ -30,6 +30,7 @@ from rich.table import Table
 from sqlalchemy import select
 
 from standby.core import config, plugins
+from standby.core.cli_plans import register as register_plans
 from standby.core.engine import CycleReport, due, opened, status_rows
 from standby.core.errors import ConfigError, NotFound, StandbyError
 from standby.core.state import Event, Protection, RecoveryPoint
@@ -42,6 +43,7 @@ app = typer.Typer(
 )
 sites_app = typer.Typer(help="Configured sites (one TOML file each).", no_args_is_help=True)
 app.add_typer(sites_app, name="sites")
+register_plans(app)
 
 out = Console()
 err = Console(stderr=True)

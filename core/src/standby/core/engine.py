@@ -205,6 +205,7 @@ class Engine:
         self.workers = workers
         self.wait_for_lock = wait_for_lock
         self._plugins: dict[tuple[str, str], Source | Target] = {}
+        self._plugins_lock = threading.RLock()
 
     # ----------------------------------------------------------------- plumbing
 
@@ -231,6 +232,10 @@ class Engine:
     def _plugin(self, site_name: str, role: str) -> Source | Target:
         """The connected plugin for a site in a role, opened once per engine."""
         key = (site_name, role)
+        with self._plugins_lock:  # plan runs fail VMs of a group over from several threads
+            return self._plugin_locked(key, site_name, role)
+
+    def _plugin_locked(self, key: tuple[str, str], site_name: str, role: str) -> Source | Target:
         if key not in self._plugins:
             site = self.site(site_name)
             cls = plugins.source_class if role == "source" else plugins.target_class

@@ -7,6 +7,7 @@ exceptions into the `standby.core.errors` tree at its edge (`raise ... from`).
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
@@ -199,13 +200,22 @@ class Target(Plugin):
 
     capabilities: ClassVar[TargetCapabilities] = TargetCapabilities()
 
-    on_step: Callable[[str], None] | None = None
-    """Set by the engine: where `step` reports go."""
+    @property
+    def on_step(self) -> Callable[[str], None] | None:
+        """Set by the engine: where this thread's `step` reports go (one per failover)."""
+        local = self.__dict__.get("_step_local")
+        return getattr(local, "callback", None) if local is not None else None
+
+    @on_step.setter
+    def on_step(self, callback: Callable[[str], None] | None) -> None:
+        local = self.__dict__.setdefault("_step_local", threading.local())
+        local.callback = callback
 
     def step(self, message: str) -> None:
         """Report one step of a long operation (failover, cleanup)."""
-        if self.on_step is not None:
-            self.on_step(message)
+        callback = self.on_step
+        if callback is not None:
+            callback(message)
 
     @abstractmethod
     def validate(self, vm: VMSpec) -> Validation:

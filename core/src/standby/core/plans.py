@@ -226,25 +226,28 @@ def _check_wait(where: str, w: WaitAction, has_vm: bool) -> list[str]:
 
 def _check_groups(plan: Plan, is_protected: Callable[[str], bool]) -> list[str]:
     problems: list[str] = []
-    names: dict[str, int] = {}
-    owner: dict[str, str] = {}
+    names: set[str] = set()
+    owner: dict[str, int] = {}
     for i, g in enumerate(plan.groups):
         where = f"groups[{i}]"
         if not g.name.strip():
             problems.append(f"{where}: group name is empty")
         elif g.name in names:
             problems.append(f"{where}: group name '{g.name}' is used twice")
-        names.setdefault(g.name, i)
+        names.add(g.name)
         if not g.vms:
             problems.append(f"{where}: group '{g.name}' has no VMs")
         for vm in g.vms:
             if vm in owner:
-                where_else = "twice in the same group" if owner[vm] == g.name else (
-                    f"in groups '{owner[vm]}' and '{g.name}'"
+                j = owner[vm]
+                twice = (
+                    f"twice in {where} '{g.name}'"
+                    if j == i
+                    else f"in groups[{j}] '{plan.groups[j].name}' and {where} '{g.name}'"
                 )
-                problems.append(f"VM '{vm}' is listed {where_else} (a VM fails over once)")
+                problems.append(f"VM '{vm}' is listed {twice} (a VM fails over once)")
                 continue
-            owner[vm] = g.name
+            owner[vm] = i
             if not is_protected(vm):
                 problems.append(f"VM '{vm}' (group '{g.name}') is not protected")
         for j, a in enumerate(g.before):
@@ -312,9 +315,7 @@ def _action_steps(prefix: str, actions: list[Any], group: Group | None) -> list[
     for j, action in enumerate(actions):
         spec = action.model_dump(mode="json")
         if isinstance(action, WaitAction) and group is not None and prefix.endswith("after"):
-            steps += [
-                StepSpec(f"{prefix}.{j}.{vm}", "wait", gname, vm, spec) for vm in group.vms
-            ]
+            steps += [StepSpec(f"{prefix}.{j}.{vm}", "wait", gname, vm, spec) for vm in group.vms]
         else:
             steps.append(StepSpec(f"{prefix}.{j}", action.type, gname, "", spec))
     return steps
@@ -380,7 +381,8 @@ def step_summary(step: StepSpec) -> str:
     """What a step does, in one line."""
     s = step.spec
     if step.kind == "script":
-        return f"run `{s['command']}` (timeout {_duration(s['timeout'])}, on failure {s['on_failure']})"
+        timeout = _duration(s["timeout"])
+        return f"run `{s['command']}` (timeout {timeout}, on failure {s['on_failure']})"
     if step.kind == "manual":
         return f"wait for an operator's ack: {s['message']}"
     if step.kind == "wait":
@@ -396,13 +398,22 @@ def step_summary(step: StepSpec) -> str:
         return f"{s['kind']} failover of {step.vm}"
     if step.kind == "report":
         return "write the drill report (reports/drill-<run>.json and .html)"
-    return f"{step.kind} {step.vm}"
+    return _VM_DOES.get(step.kind, "{kind} {vm}").format(kind=step.kind, vm=step.vm)
+
+
+_VM_DOES = {
+    "cleanup": "remove the test failover of {vm}",
+    "commit": "commit the failover of {vm}",
+    "reprotect": "re-protect {vm} in the other direction",
+    "failback": "fail {vm} back to its home site",
+}
 
 
 def describe(plan: Plan, kind: str, keep: bool = False) -> list[dict[str, Any]]:
     """The dry run: every step in order with what it would do; nothing is executed.
 
-    `parallel` is the number of steps in the step's parallel batch (1 = runs alone).
+    `parallel` is the number of steps in the step's parallel batch (1 = runs alone);
+    consecutive steps with the same `batch` run at the same time.
     """
     steps = build_steps(plan, kind, keep)
     sizes: dict[str, int] = {}
@@ -416,6 +427,7 @@ def describe(plan: Plan, kind: str, keep: bool = False) -> list[dict[str, Any]]:
             "group": st.group_name,
             "vm": st.vm,
             "parallel": sizes[st.batch],
+            "batch": st.batch,
             "does": step_summary(st),
         }
         for n, st in enumerate(steps, 1)
