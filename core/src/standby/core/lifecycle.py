@@ -100,11 +100,13 @@ def failover(
                     )
                 ).first()
                 if again is not None and again.state == "running":
-                    s.expunge(again)
                     return again
-                if again is not None:
+                if again is not None:  # killed part-way: remove what it may have made
                     again.state = "failed"
                     again.error = "interrupted; started again by the resumed run"
+                    leftover = {"failover_id": again.id, "kind": kind, **dict(again.ref or {})}
+                    engine.target(prot.target_site).cleanup_test(_pinfo(prot), leftover)
+                    again.state = "cleaned"
             _check_can_fail_over(s, prot, kind)
             policy = Policy.model_validate(prot.policy)
             name = prot.vm_name
@@ -172,7 +174,6 @@ def failover(
                 assert p is not None
                 p.state = "failed-over"
             engine.state.log(s, "failover", result.summary, pinfo.id)
-            s.expunge(f)
             return f
 
 
@@ -325,7 +326,6 @@ def commit(engine: Engine, vm_key: str) -> Failover:
             prot = engine.state.protection(s, vm_key)
             if prot.state == "committed":
                 fo = _active_real(s, prot)
-                s.expunge(fo)
                 return fo  # already done (idempotent for resumed runs)
             if prot.state != "failed-over":
                 raise ConfigError(f"VM '{prot.vm_name}' has not failed over; nothing to commit")
@@ -350,7 +350,6 @@ def commit(engine: Engine, vm_key: str) -> Failover:
                 f"({len(drop)} other point(s) released)",
                 prot.id,
             )
-            s.expunge(fo)
             return fo
 
 
@@ -362,7 +361,6 @@ def reprotect(engine: Engine, vm_key: str) -> Protection:
         with engine.state.session() as s:
             prot = engine.state.protection(s, vm_key)
             if prot.state == "protected":
-                s.expunge(prot)
                 return prot  # already re-protected (idempotent for resumed runs)
             if prot.state == "failed-over":
                 raise ConfigError(
@@ -421,7 +419,6 @@ def reprotect(engine: Engine, vm_key: str) -> Protection:
                 + ("the original disks" if seed_ref else "nothing (full copy)"),
                 prot.id,
             )
-            s.expunge(prot)
             return prot
 
 
@@ -490,7 +487,6 @@ def failback(engine: Engine, vm_key: str, run_id: int | None = None) -> Failover
         if prot.state == "failed-over" and run_id is not None:
             fo = _active_real(s, prot)
             if fo.run_id == run_id:
-                s.expunge(fo)
                 return fo
         if engine._latest_point(s, prot.id) is None:
             raise ConfigError(
