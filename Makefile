@@ -8,7 +8,7 @@ APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system 
 	libvirt-daemon-system-sysv qemu-system-x86 qemu-utils libvirt-clients pkg-config \
 	libvirt-dev python3-libnbd libnbd-bin python3-dev gcc make cpio rsync restic
 
-.PHONY: setup demo demo-azure test lint bench clean
+.PHONY: setup demo demo-azure demo-plan test lint bench clean
 
 setup:
 	@bash scripts/setup.sh $(APT_PACKAGES)
@@ -18,6 +18,9 @@ demo: setup
 
 demo-azure: setup
 	@bash scripts/demo-azure.sh
+
+demo-plan: setup
+	@bash scripts/demo-plan.sh
 
 lint: setup
 	uv run ruff check .

@@ -183,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("destroy")
     d.add_argument("names", nargs="+")
     sub.add_parser("list")
+    dk = sub.add_parser("disk", help="the file behind one disk of a domain")
+    dk.add_argument("name")
+    dk.add_argument("dev")
     v = sub.add_parser("verify", help="check OFFSET:LENGTH:PATTERN ranges of an image")
     v.add_argument("image", type=Path)
     v.add_argument("expect", nargs="+")
@@ -216,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
             print(create_vm(conn, args.name, args.dir, disks))
         elif args.cmd == "write":
             guest_write(conn, args.name, args.dev, args.offset, args.length, args.pattern)
+        elif args.cmd == "disk":
+            from standby.plugins.physical.domxml import disk_sources
+
+            xml = conn.lookupByName(args.name).XMLDesc(0)
+            print(disk_sources(xml)[args.dev]["file"])
         elif args.cmd == "list":
             for dom in conn.listAllDomains():
                 print(dom.name(), "running" if dom.isActive() else "shut off")
