@@ -38,6 +38,44 @@ def _await_reconnect(libvirt: Any, libvirt_qemu: Any, conn: Any) -> None:
                 time.sleep(0.05)
 
 
+def recover_interrupted_starts(root: str) -> list[str]:
+    """Domains whose start was cut short when the process hosting the root died.
+
+    The embedded driver lives in our process: killed during `create()`, it leaves a status
+    file with an async `start` job that nobody will finish, and every later call on that
+    domain waits for the job and fails. Such a domain never ran: stop its QEMU (paused at
+    `-S`) and drop the status file, so libvirt sees it shut off. Other jobs (a backup of a
+    running VM) are left alone.
+    """
+    import glob
+    import os
+    import re
+    import signal
+
+    recovered = []
+    for status in glob.glob(os.path.join(root, "run", "qemu", "*.xml")):
+        try:
+            with open(status) as f:
+                text = f.read()
+        except OSError:
+            continue
+        if not re.search(r"<job [^>]*async='start'", text):
+            continue
+        name = os.path.basename(status)[: -len(".xml")]
+        pid = re.search(r"<domstatus [^>]*pid='(\d+)'", text)
+        if pid:
+            try:
+                with open(f"/proc/{pid.group(1)}/cmdline", "rb") as f:
+                    cmdline = f.read()
+                if f"guest={name},".encode() in cmdline:
+                    os.kill(int(pid.group(1)), signal.SIGKILL)
+            except OSError:
+                pass
+        os.unlink(status)
+        recovered.append(name)
+    return recovered
+
+
 def _serve(uri: str, pipe: Connection) -> None:
     """Child side: open the root, then answer calls until the pipe closes."""
     import os
@@ -53,6 +91,7 @@ def _serve(uri: str, pipe: Connection) -> None:
     )
     os.dup2(fd, 2)
     os.close(fd)
+    recover_interrupted_starts(root)
     import libvirt
     import libvirt_qemu
 
