@@ -560,7 +560,14 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
             ref={
                 "domain": name,
                 "dir": str(fdir),
-                "console": str(self.opts.work_path() / f"console-{protection.id}.sock"),
+                "console": str(
+                    self.opts.work_path()
+                    / (
+                        f"console-{protection.id}.sock"
+                        if test
+                        else f"console-{protection.id}-{name}.sock"
+                    )
+                ),
                 "files": {d.name: str(fdir / f"{d.name}.qcow2") for d in protection.vm.disks},
                 "addresses": [],
             },
