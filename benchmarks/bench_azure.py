@@ -135,8 +135,8 @@ class AzureStandby(bp.Standby):
     def initial_sync(self, policy: str) -> dict[str, Any]:
         """A fresh protection (new blobs), its timed first cycle, then unprotect (blobs go).
 
-        A cycle refused because the VM's QEMU still runs an earlier cycle's NBD server (seen
-        about once in 15 cycles; see README) is retried once after stopping that server."""
+        A cycle refused because the VM's QEMU still runs an earlier cycle's NBD server (3 times
+        in about 70 cycles here; see README) is retried once after stopping that server."""
         for attempt in (1, 2):
             self("protect", bp.VM, "--from", "src", "--to", "azure", "--policy", policy)
             try:
