@@ -55,6 +55,7 @@ from standby.core.extents import (
     unpack,
 )
 from standby.core.interfaces import ReplicaWriter, Snapshot, Source, Target
+from standby.core.lifecycle import _aware, point_info, protection_info
 from standby.core.locks import FileLock
 from standby.core.model import (
     Consistency,
@@ -118,28 +119,6 @@ class CycleReport:
     seconds: float
     rpo_seconds: float | None
     notes: list[str] = field(default_factory=list)
-
-
-def _aware(dt: datetime) -> datetime:
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
-
-
-def point_info(p: RecoveryPoint) -> PointInfo:
-    return PointInfo(
-        id=p.id,
-        created_at=_aware(p.created_at),
-        ref=dict(p.ref),
-        disks={d.disk: d.size for d in p.disks},
-    )
-
-
-def protection_info(p: Protection, vm: VMSpec | None = None) -> ProtectionInfo:
-    return ProtectionInfo(
-        id=p.id,
-        vm=vm or VMSpec.from_dict(p.spec),
-        source_site=p.source_site,
-        target_site=p.target_site,
-    )
 
 
 class Throttle:

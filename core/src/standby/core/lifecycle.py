@@ -41,6 +41,7 @@ UNCLEANED = (*ACTIVE, "failed")
 
 
 def _aware(t: datetime) -> datetime:
+    """SQLite hands back naive datetimes; they are UTC."""
     return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
@@ -55,7 +56,8 @@ def failovers(s: Session, protection_id: int, states: tuple[str, ...]) -> list[F
     )
 
 
-def _info(p: RecoveryPoint) -> PointInfo:
+def point_info(p: RecoveryPoint) -> PointInfo:
+    """A point as handed to a target."""
     return PointInfo(
         id=p.id,
         created_at=_aware(p.created_at),
@@ -64,7 +66,8 @@ def _info(p: RecoveryPoint) -> PointInfo:
     )
 
 
-def _pinfo(p: Protection, vm: VMSpec | None = None) -> ProtectionInfo:
+def protection_info(p: Protection, vm: VMSpec | None = None) -> ProtectionInfo:
+    """A protection as handed to a target."""
     return ProtectionInfo(
         id=p.id,
         vm=vm or VMSpec.from_dict(p.spec),
@@ -105,7 +108,7 @@ def failover(
                     again.state = "failed"
                     again.error = "interrupted; started again by the resumed run"
                     leftover = {"failover_id": again.id, "kind": kind, **dict(again.ref or {})}
-                    engine.target(prot.target_site).cleanup_test(_pinfo(prot), leftover)
+                    engine.target(prot.target_site).cleanup_test(protection_info(prot), leftover)
                     again.state = "cleaned"
             _check_can_fail_over(s, prot, kind)
             policy = Policy.model_validate(prot.policy)
@@ -129,8 +132,8 @@ def failover(
             s.add(fo)
             s.flush()
             fo_id = fo.id
-            pinfo = _pinfo(prot)
-            pt = _info(point)
+            pinfo = protection_info(prot)
+            pt = point_info(point)
             size = prot.target_size
             loss = (
                 ""
@@ -216,7 +219,7 @@ def _final_cycle(engine: Engine, vm_key: str, policy: Policy) -> int:
     """Shut the source VM down, replicate what is left, prove nothing changed since."""
     with engine.state.session() as s:
         prot = engine.state.protection(s, vm_key)
-        pinfo = _pinfo(prot)
+        pinfo = protection_info(prot)
     source = engine.source(pinfo.source_site)
     try:
         vm = source.get_vm(pinfo.vm.id)
@@ -267,7 +270,7 @@ def _prove_no_changes(engine: Engine, protection_id: int) -> None:
             t.disk: t.token
             for t in s.scalars(select(ChangeToken).where(ChangeToken.protection_id == prot.id))
         }
-        pinfo = _pinfo(prot)
+        pinfo = protection_info(prot)
     source = engine.source(pinfo.source_site)
     vm = source.get_vm(pinfo.vm.id)
     tracked = {d.name: tokens.get(d.name) for d in vm.disks if d.change_tracking}
@@ -293,7 +296,7 @@ def cleanup(engine: Engine, vm_key: str) -> list[int]:
                 if f.kind == "test" or f.state == "failed"
             ]
             work = [(f.id, {"failover_id": f.id, "kind": f.kind, **dict(f.ref)}) for f in rows]
-            pinfo = _pinfo(prot)
+            pinfo = protection_info(prot)
         if not work:
             raise NotFound(f"VM '{prot.vm_name}' has no test failover to clean up")
         target = engine.target(pinfo.target_site)
@@ -333,7 +336,12 @@ def commit(engine: Engine, vm_key: str) -> Failover:
             used = s.get(RecoveryPoint, fo.point_id)
             assert used is not None
             others = [p for p in prot.points if p.state == "visible" and p.id != used.id]
-            pinfo, keep, drop, ref = _pinfo(prot), _info(used), [_info(p) for p in others], fo.ref
+            pinfo, keep, drop, ref = (
+                protection_info(prot),
+                point_info(used),
+                [point_info(p) for p in others],
+                fo.ref,
+            )
         engine.target(pinfo.target_site).commit_failover(pinfo, dict(ref), keep, drop)
         with engine.state.session() as s:
             prot = engine.state.protection(s, vm_key)
@@ -370,7 +378,7 @@ def reprotect(engine: Engine, vm_key: str) -> Protection:
             fo = _active_real(s, prot)
             used = s.get(RecoveryPoint, fo.point_id)
             assert used is not None
-            old = _pinfo(prot)
+            old = protection_info(prot)
             fo_kind, fo_vm, used_id = fo.kind, fo.vm_name, used.id
         new_source_site, new_target_site = old.target_site, old.source_site
         for site_name, role in ((new_source_site, "source"), (new_target_site, "target")):
