@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from standby.plugins.physical import conn as lv
 from standby.plugins.physical import lab
 from support.labenv import STANDBY, Lab, MiB
 
@@ -81,6 +82,31 @@ def test_killed_mid_cycle_resumes_without_a_half_visible_point(labenv: Lab) -> N
     _compare(env, "kill1")
     incremental = json.loads(env.cli("replicate", "kill1", "--json", check=True).stdout)[0]
     assert incremental["kind"] == "incremental" and incremental["bytes_read"] == 0
+
+
+def test_nbd_server_left_by_a_previous_process_is_stopped(labenv: Lab, tmp_path: Path) -> None:
+    """A process that exits before libvirt handles its backup's end leaves QEMU's NBD server up."""
+    env = labenv
+    env.create_vm("nbd1", [("vda", 32 * MiB, "qcow2")])
+    _fill(env, "nbd1", 3)
+    env.cli("protect", "nbd1", "--from", "src", "--to", "dr", check=True)
+    env.cli("replicate", "nbd1", check=True)
+    env.write("nbd1", "vda", 8 * MiB, MiB, 0x77)
+    sock = tmp_path / "left.sock"
+    addr = {"type": "unix", "data": {"path": str(sock)}}
+    start = {"execute": "nbd-server-start", "arguments": {"addr": addr}}
+    reply = json.loads(lv.qemu_monitor(env.src.lookupByName("nbd1"), json.dumps(start), 0))
+    assert "error" not in reply, reply
+    env.release()
+    done = json.loads(env.cli("replicate", "nbd1", "--json", check=True).stdout)[0]
+    assert done["kind"] == "incremental" and done["bytes_read"] == MiB
+    _compare(env, "nbd1")
+    assert any("NBD server a previous run left" in n for n in done["notes"]), done
+    # And back-to-back runs of separate processes never trip over their own NBD servers.
+    for i in range(4):
+        env.write("nbd1", "vda", i * MiB, MiB, 0x30 + i)
+        env.cli("replicate", "nbd1", check=True)
+    _compare(env, "nbd1")
 
 
 def test_two_replications_of_one_vm_never_run_at_once(labenv: Lab) -> None:

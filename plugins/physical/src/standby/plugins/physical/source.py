@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -114,6 +115,14 @@ class PhysicalSource(lv.LibvirtPlugin, Source):
 
     def _abort_stale_backup(self, dom: Any) -> None:
         """End a backup job left by a killed run (its export and scratch files go with it)."""
+        self._end_backup(dom, stale=True)
+
+    @staticmethod
+    def _end_backup(dom: Any, *, stale: bool = False) -> None:
+        """Abort the domain's backup job and wait until libvirt has processed its end.
+
+        Returning before libvirt has seen the end leaves QEMU's NBD server up if this process
+        exits at once (the end is handled on an event), and the next backup cannot start."""
         libvirt = lv.libvirt_module()
         deadline = time.monotonic() + 30
         aborted = False
@@ -127,8 +136,28 @@ class PhysicalSource(lv.LibvirtPlugin, Source):
                     dom.abortJob()
                 aborted = True
             if time.monotonic() > deadline:
-                raise TransientError(f"a stale backup job on {dom.name()} does not end")
-            time.sleep(0.1)
+                what = "a stale backup job" if stale else "the backup job"
+                raise TransientError(f"{what} on {dom.name()} does not end")
+            time.sleep(0.05)
+
+    @staticmethod
+    def _stop_leftover_nbd_server(dom: Any) -> bool:
+        """Stop an NBD server QEMU still runs for a backup libvirt no longer knows of.
+
+        That happens when a process ended a backup and exited before libvirt processed the
+        job's end. Only used after backupBegin failed for exactly that reason."""
+
+        def qmp(command: str, **arguments: Any) -> dict[str, Any]:
+            msg = json.dumps({"execute": command, "arguments": arguments})
+            try:
+                return dict(json.loads(lv.qemu_monitor(dom, msg, 0)))
+            except Exception as exc:  # any failure means "not stopped"
+                return {"error": {"desc": str(exc)}}
+
+        for export in qmp("query-block-exports").get("return") or []:
+            qmp("block-export-del", id=export["id"], mode="hard")
+        stopped = "error" not in qmp("nbd-server-stop")
+        return stopped
 
     @contextmanager
     def open_snapshot(
@@ -197,9 +226,18 @@ class PhysicalSource(lv.LibvirtPlugin, Source):
             except libvirt.libvirtError as exc:
                 notes.append(f"guest agent did not freeze filesystems ({exc.get_error_message()})")
         try:
-            with lv.libvirt_errors(what):
+            try:
                 dom.backupBegin(backup_xml, cp_xml, 0)
-                taken_at = datetime.now(UTC)
+            except libvirt.libvirtError as exc:
+                leftover = "NBD server already running" in str(exc.get_error_message())
+                if not (leftover and self._stop_leftover_nbd_server(dom)):
+                    raise lv.translate(exc, what) from exc
+                notes.append("stopped an NBD server a previous run left behind")
+                for path in scratch:
+                    path.unlink(missing_ok=True)
+                with lv.libvirt_errors(what):
+                    dom.backupBegin(backup_xml, cp_xml, 0)
+            taken_at = datetime.now(UTC)
         finally:
             if frozen:
                 try:
@@ -234,8 +272,8 @@ class PhysicalSource(lv.LibvirtPlugin, Source):
             yield snap
         finally:
             backup.pool.close()
-            with suppress(libvirt.libvirtError):
-                dom.abortJob()
+            with suppress(StandbyError):
+                self._end_backup(dom)
             if started_paused:
                 with suppress(libvirt.libvirtError):
                     dom.destroy()
