@@ -8,6 +8,7 @@ with ``python tests/doubles/azure_arm.py --dir DIR --blob-account A --blob-key K
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as dt
 import ipaddress
@@ -66,7 +67,10 @@ KINDS = {
     "vms": ("Microsoft.Compute/virtualMachines", "vm"),
     "nics": ("Microsoft.Network/networkInterfaces", "nic"),
     "vnets": ("Microsoft.Network/virtualNetworks", "vnet"),
+    "snapshots": ("Microsoft.Compute/snapshots", "snapshot"),
 }
+MANAGED = "fake-arm-managed-disks"
+"""Azurite container holding the data of managed disks (one page blob each) and snapshots."""
 _TYPE_KIND = {rtype.lower(): kind for kind, (rtype, _) in KINDS.items()}
 # POST action -> (transient power state, final power state)
 _ACTIONS = {
@@ -87,6 +91,8 @@ _ROUTES = [
      "subnet"),
     ("GET POST", _RG + r"Microsoft\.Compute/virtualMachines/(?P<name>[^/]+)/(?P<action>"
      + "|".join(["instanceView", *_ACTIONS]) + ")", "vm_action"),
+    ("POST", _RG + r"Microsoft\.Compute/(?P<type>disks|snapshots)/(?P<name>[^/]+)/"
+     r"(?P<action>beginGetAccess|endGetAccess)", "access"),
     ("GET PUT DELETE", _RG + r"(?P<type>Microsoft\.\w+/\w+)/(?P<name>[^/]+)", "resource"),
     ("GET", _RG + r"(?P<type>Microsoft\.\w+/\w+)", "list"),
 ]  # fmt: skip
@@ -155,6 +161,8 @@ class _Operation:
     polls_left: int
     status: str = "InProgress"
     start: str = field(default_factory=_now)
+    result: Callable[[], Json] | None = None
+    """The body the Location URL answers once the operation succeeded (POST actions)."""
 
 
 @dataclass
@@ -198,6 +206,9 @@ class FakeArm:
         port: int = 0,
     ) -> None:
         self.blob_account, self.blob_key, self.blob_ca = blob_account, blob_key, blob_ca
+        self.blob_base: str | None = None
+        self._container_made = False
+        """Azurite's account URL; learnt from the first imported blob."""
         self.resource_groups = list(resource_groups)
         self.location = location
         if (cert_dir / "cert.pem").exists() and (cert_dir / "key.pem").exists():
@@ -349,11 +360,12 @@ class FakeArm:
         raise ArmError(fault.status or 409, code, message, retry_after=retry)
 
     def _start_op(
-        self, op: str, sub: str, rtype: str, done: Callable[[Json | None], None], error: Json | None
-    ) -> dict[str, str]:
+        self, op: str, sub: str, rtype: str, done: Callable[[Json | None], None],
+        error: Json | None, result: Callable[[], Json] | None = None,
+    ) -> dict[str, str]:  # fmt: skip
         oid = str(uuid.uuid4())
         ready = time.monotonic() + self._slow.get(op, 0.0)
-        self._ops[oid] = _Operation(done, error, ready, self.polls)
+        self._ops[oid] = _Operation(done, error, ready, self.polls, result=result)
         namespace = rtype.split("/")[0]
         base = f"{self.url}/subscriptions/{sub}/providers/{namespace}/locations/{self.location}"
         url = f"{base}/operations/{oid}?api-version={OP_API_VERSION}"
@@ -385,6 +397,8 @@ class FakeArm:
         if op.status != "InProgress":
             body["endTime"] = _now()
         headers = {"Retry-After": "0"}
+        if monitor and op.status == "Succeeded" and op.result is not None:
+            return 200, op.result(), headers
         return (202 if monitor and op.status == "InProgress" else 200), body, headers
 
     # ------------------------------------------------------------------ helpers
@@ -402,7 +416,7 @@ class FakeArm:
         }  # fmt: skip
 
     def _render(self, kind: str, res: Json, query: dict[str, str]) -> Json:
-        out = copy.deepcopy(res)
+        out = {k: copy.deepcopy(v) for k, v in res.items() if not k.startswith("_")}
         if kind == "disks":
             owner = res.get("managedBy")
             power = self._vm_state.get(str(owner).lower(), {}).get("power")
@@ -474,7 +488,7 @@ class FakeArm:
             res["properties"]["provisioningState"] = "Updating" if network or old else "Creating"
             store[key] = res
             headers = self._start_op(prefix + ".create", sub, rtype, self._on_put(kind, res), error)
-            status = 202 if kind == "disks" else 200 if old else 201
+            status = 202 if kind in ("disks", "snapshots") else 200 if old else 201
             return status, self._render(kind, res, {}), headers
         res = store.get(key) or {}
         if not res:
@@ -489,17 +503,33 @@ class FakeArm:
                 res["properties"]["provisioningState"] = previous
             elif store.get(key) is res:
                 del store[key]
+                self._release_data(kind, res)
                 if kind == "vms":
                     self._detach(res["id"])
                     self._vm_state.pop(res["id"].lower(), None)
 
         return 202, None, self._start_op(prefix + ".delete", sub, rtype, deleted, error)
 
+    def _release_data(self, kind: str, res: Json) -> None:
+        """Drop the Azurite data of a deleted disk or snapshot (a disk's blob stays while
+        snapshots of it exist: Azure snapshots outlive their disk)."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        with contextlib.suppress(ResourceNotFoundError):
+            if kind == "snapshots":
+                self._blob(res["_blob"], res["_snapshot"]).delete_blob()
+            elif (
+                kind == "disks"
+                and res.get("_blob")
+                and not any(s["_blob"] == res["_blob"] for s in self._store["snapshots"].values())
+            ):
+                self._blob(res["_blob"]).delete_blob(delete_snapshots="include")
+
     def _on_put(self, kind: str, res: Json) -> Callable[[Json | None], None]:
         def done(failure: Json | None) -> None:
             res["properties"]["provisioningState"] = "Failed" if failure else "Succeeded"
-            if kind == "vms":
-                state = self._vm_state[res["id"].lower()]
+            state = self._vm_state.get(res["id"].lower()) if kind == "vms" else None
+            if state is not None:  # (None: the VM was deleted or the fake reset meanwhile)
                 if state.get("power") == "starting":
                     state["power"] = "deallocated" if failure else "running"
                 state["error"] = failure
@@ -507,6 +537,9 @@ class FakeArm:
         return done
 
     def _check_delete(self, kind: str, res: Json) -> None:
+        if res.get("_access"):
+            msg = f"{res['name']} has an active SAS URI; revoke access (endGetAccess) first."
+            raise ArmError(409, "OperationNotAllowed", msg)
         if kind == "disks" and res.get("managedBy"):
             msg = f"Disk {res['name']} is attached to VM {res['managedBy']}."
             raise ArmError(409, "OperationNotAllowed", msg)
@@ -532,10 +565,12 @@ class FakeArm:
                 raise ArmError(400, "InvalidParameter", msg)
             account = str(data["storageAccountId"]).rsplit("/", 1)[-1]
             nbytes = self._inspect_vhd(name, data["sourceUri"], account) - FOOTER
+            backing = self._copy_in(rid, data["sourceUri"], nbytes + FOOTER)
         elif option == "empty":
             if not isinstance(props.get("diskSizeGB"), int) or props["diskSizeGB"] < 1:
                 raise ArmError(400, "InvalidParameter", "diskSizeGB is required for Empty.")
             nbytes = props["diskSizeGB"] * GIB
+            backing = self._copy_in(rid, None, nbytes + FOOTER)
         else:
             msg = f"createOption {data.get('createOption')!r} is not supported by the fake."
             raise ArmError(400, "InvalidParameter", msg)
@@ -545,7 +580,143 @@ class FakeArm:
         )  # fmt: skip
         res = self._envelope(rid, name, "disks", body, props)
         res["sku"] = body.get("sku") or {"name": "Standard_LRS", "tier": "Standard"}
+        res["_blob"], res["_access"] = backing, None
         return res
+
+    # ------------------------------------------------- managed disk data, snapshots
+    def _blob(self, name: str, snapshot: str | None = None) -> BlobClient:
+        """A blob of the fake's own container in Azurite (where managed disks keep data)."""
+        if self.blob_base is None:
+            raise ArmError(500, "FakeArmBug", "no blob endpoint known yet (import a disk first)")
+        credential = {"account_name": self.blob_account, "account_key": self.blob_key}
+        return BlobClient(
+            self.blob_base, MANAGED, name, snapshot=snapshot, credential=credential,
+            connection_verify=str(self.blob_ca) if self.blob_ca else True,
+        )  # fmt: skip
+
+    def _copy_in(self, rid: str, source_uri: str | None, size: str | int) -> str:
+        """Give a new managed disk its own page blob: a copy of the import source, or zeroes."""
+        from azure.core.exceptions import ResourceExistsError
+
+        if source_uri:
+            parts = urlsplit(source_uri)
+            account = parts.path.strip("/").split("/")[0]
+            self.blob_base = self.blob_base or f"{parts.scheme}://{parts.netloc}/{account}"
+        name = rid.lower().split("/resourcegroups/", 1)[1].replace("/", "-") + ".vhd"
+        if self.blob_base is None:
+            return ""  # an Empty disk before any import: no data kept (nothing reads it)
+        dest = self._blob(name)
+        if not self._container_made:
+            from azure.storage.blob import ContainerClient
+
+            container = ContainerClient(
+                self.blob_base, MANAGED,
+                credential={"account_name": self.blob_account, "account_key": self.blob_key},
+                connection_verify=str(self.blob_ca) if self.blob_ca else True,
+            )  # fmt: skip
+            with contextlib.suppress(ResourceExistsError):
+                container.create_container()
+            self._container_made = True
+        dest.create_page_blob(int(size))
+        if source_uri:
+            parts = urlsplit(source_uri)
+            snap = parse_qs(parts.query).get("snapshot")
+            src = BlobClient.from_blob_url(
+                f"{parts.scheme}://{parts.netloc}{parts.path}",
+                snapshot=snap[0] if snap else None,
+                credential={"account_name": self.blob_account, "account_key": self.blob_key},
+                connection_verify=str(self.blob_ca) if self.blob_ca else True,
+            )
+            for r in src.list_page_ranges():
+                for off in range(r.start, r.end + 1, 4 << 20):
+                    n = min(4 << 20, r.end + 1 - off)
+                    data = src.download_blob(offset=off, length=n).readall()
+                    dest.upload_page(data, offset=off, length=n)
+        return name
+
+    def disk_data(self, name: str, rg: str | None = None) -> BlobClient:
+        """The page blob behind managed disk ``name`` (a test writes to it as the guest would)."""
+        with self._lock:
+            res = self._store["disks"].get(((rg or self.resource_groups[0]).lower(), name.lower()))
+            if res is None:
+                raise KeyError(f"no managed disk {name}")
+            return self._blob(res["_blob"])
+
+    def _build_snapshots(self, rid: str, name: str, body: Json, old: Json | None) -> Json:
+        props = dict(body.get("properties") or {})
+        data = dict(props.get("creationData") or {})
+        if old is not None:
+            res = copy.deepcopy(old)
+            res["tags"] = body.get("tags", old["tags"])
+            return res
+        if str(data.get("createOption", "")).lower() != "copy":
+            raise ArmError(400, "InvalidParameter", "The fake only makes snapshots by Copy.")
+        disk = self._by_id("disks", str(data.get("sourceResourceId", "")))
+        if disk is None:
+            msg = f"Source disk {data.get('sourceResourceId')} was not found."
+            raise ArmError(404, "NotFound", msg)
+        snap = self._blob(disk["_blob"]).create_snapshot()["snapshot"]
+        props.update(
+            creationData=data, diskSizeBytes=disk["properties"]["diskSizeBytes"],
+            diskSizeGB=disk["properties"]["diskSizeGB"], incremental=bool(props.get("incremental")),
+            uniqueId=str(uuid.uuid4()), timeCreated=_now(),
+            osType=disk["properties"].get("osType"),
+            hyperVGeneration=disk["properties"].get("hyperVGeneration"),
+        )  # fmt: skip
+        res = self._envelope(rid, name, "snapshots", body, props)
+        res["_blob"], res["_snapshot"], res["_access"] = disk["_blob"], snap, None
+        return res
+
+    def _h_access(self, req: _Req) -> _Answer:
+        """beginGetAccess / endGetAccess: a read SAS on the data of a disk or snapshot."""
+        from azure.storage.blob import BlobSasPermissions, generate_blob_sas
+
+        kind = req.g["type"].lower()
+        res = self._store[kind].get((req.g["rg"].lower(), req.g["name"].lower()))
+        if res is None:
+            raise _not_found(kind, req.g["name"])
+        prefix = KINDS[kind][1]
+        if req.g["action"].lower() == "endgetaccess":
+            error = self._fault(prefix + ".endGetAccess")
+
+            def revoked(failure: Json | None) -> None:
+                if not failure:
+                    res["_access"] = None
+
+            rtype = KINDS[kind][0]
+            return 202, None, self._start_op(prefix + ".endGetAccess", req.g["sub"], rtype,
+                                             revoked, error)  # fmt: skip
+        body = req.json()
+        if str(body.get("access", "")).lower() not in ("read", "write"):
+            raise ArmError(400, "InvalidParameter", "access must be Read or Write.")
+        seconds = body.get("durationInSeconds")
+        if not isinstance(seconds, int) or seconds < 1:
+            raise ArmError(400, "InvalidParameter", "durationInSeconds is required.")
+        owner = res.get("managedBy")
+        if kind == "disks" and owner:
+            power = self._vm_state.get(str(owner).lower(), {}).get("power")
+            if power != "deallocated":
+                msg = (f"Disk {res['name']} is attached to VM {owner}. Disk can be exported only "
+                       "when it is unattached or attached to a deallocated VM.")  # fmt: skip
+                raise ArmError(409, "OperationNotAllowed", msg)
+        error = self._fault(prefix + ".beginGetAccess")
+        expiry = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)
+        sas = generate_blob_sas(
+            self.blob_account, MANAGED, res["_blob"], snapshot=res.get("_snapshot"),
+            account_key=self.blob_key, permission=BlobSasPermissions(read=True), expiry=expiry,
+        )  # fmt: skip
+        url = f"{self.blob_base}/{MANAGED}/{res['_blob']}?"
+        url += f"snapshot={res['_snapshot']}&" if res.get("_snapshot") else ""
+        url += sas
+
+        def granted(failure: Json | None) -> None:
+            if not failure:
+                res["_access"] = url
+
+        return 202, None, self._start_op(
+            prefix + ".beginGetAccess", req.g["sub"], KINDS[kind][0], granted, error,
+            result=lambda: {"accessSAS": url},
+        )  # fmt: skip
 
     def _inspect_vhd(self, disk: str, uri: str, account: str) -> int:
         """Check the import source like Azure does; return the blob size in bytes."""

@@ -26,7 +26,7 @@ from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.compute import models as cm
 from azure.mgmt.network import NetworkManagementClient
 from azure.mgmt.network import models as nm
-from azure.storage.blob import BlobServiceClient, ContainerClient
+from azure.storage.blob import BlobClient, BlobServiceClient, ContainerClient
 
 from doubles.azure_arm import FakeArm
 from doubles.azurite_proc import Azurite, start_azurite
@@ -402,3 +402,39 @@ def test_azurite_http_persistence(tmp_path: Path) -> None:
     finally:
         again.kill()
     assert again.proc.returncode is not None
+
+
+def test_snapshots_and_read_access(
+    arm: FakeArm, compute: ComputeManagementClient, network: NetworkManagementClient,
+    container: ContainerClient,
+) -> None:  # fmt: skip
+    """A managed disk keeps the imported data; snapshots of it are read through a SAS that
+    ``beginGetAccess`` grants; Azure's rules on exporting attached disks and deleting a
+    snapshot with an active SAS hold."""
+    disk = _import(compute, "data-disk", _upload(container, "snapsrc.vhd"))
+    vm = _vm(
+        compute, "vm-s", "Standard_B1s", _id(disk), _id(_nic(network, "nic-s", _subnet(network)))
+    )
+    assert vm.properties
+    grant = cm.GrantAccessData(access="Read", duration_in_seconds=600)
+    # a disk attached to a running VM cannot be exported; a snapshot of it can
+    assert _error(compute.disks.begin_grant_access, RG, "data-disk", grant) == (
+        409, "OperationNotAllowed")  # fmt: skip
+    arm.disk_data("data-disk").upload_page(b"\x5a" * 512, offset=512, length=512)  # the guest
+    source = cm.CreationData(create_option="Copy", source_resource_id=_id(disk))
+    snap = cm.Snapshot(location=LOC, properties=cm.SnapshotProperties(creation_data=source))
+    made = compute.snapshots.begin_create_or_update(RG, "snap-1", snap).result()
+    assert made.properties and made.properties.disk_size_bytes == 4096
+    arm.disk_data("data-disk").upload_page(b"\x11" * 512, offset=512, length=512)  # after it
+    sas = compute.snapshots.begin_grant_access(RG, "snap-1", grant).result().access_sas
+    assert sas and "sig=" in sas
+    reader = BlobClient.from_blob_url(sas, connection_verify=str(arm.blob_ca))
+    data = reader.download_blob().readall()
+    assert data[:512] == bytes(range(256)) * 2 and data[512:1024] == b"\x5a" * 512
+    assert data[-512:].startswith(b"conectix")  # the VHD footer comes with the export
+    assert _error(compute.snapshots.begin_delete, RG, "snap-1") == (409, "OperationNotAllowed")
+    compute.snapshots.begin_revoke_access(RG, "snap-1").result()
+    compute.snapshots.begin_delete(RG, "snap-1").result()
+    assert not arm.resources("snapshots")
+    with pytest.raises(HttpResponseError):
+        reader.download_blob().readall()  # the snapshot's data is gone with it

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -46,8 +47,11 @@ def azure_target(env: Lab) -> AzureTarget:
     return target
 
 
-def assert_point_equals_source(env: Lab, vm: str, disks: dict[str, int]) -> None:
-    """Each disk's snapshot, read back and stripped of its footer, equals the source disk."""
+def assert_point_equals_source(
+    env: Lab, vm: str, disks: dict[str, int], current: bool = False
+) -> None:
+    """Each disk's snapshot, read back and stripped of its footer, equals the source disk
+    (`current`: the file the domain runs on now, e.g. after a failback; else the original)."""
     point = latest_point(env, vm)
     container = azure_target(env).clients.container
     for disk, size in disks.items():
@@ -61,7 +65,8 @@ def assert_point_equals_source(env: Lab, vm: str, disks: dict[str, int]) -> None
         raw = env.base / f"{vm}-{disk}-point.raw"
         raw.write_bytes(data[: -vhd.FOOTER])
         env.flush(vm, disk)
-        same = lab_mod.images_equal(env.disk_path(vm, disk), raw, fmt_b="raw")
+        path = _domain_disk(env.src, vm, disk) if current else env.disk_path(vm, disk)
+        same = lab_mod.images_equal(path, raw, fmt_b="raw")
         raw.unlink()
         assert same, f"point of {vm}/{disk} differs from the source"
 
@@ -74,6 +79,11 @@ def test_cycles_into_page_blobs_match_the_source(lab: Lab) -> None:
     env.engine.protect("az1", "src", "azure", Policy(retain_count=2))
     full = env.engine.replicate("az1")
     assert full.kind == "full" and full.bytes_read == 3 * MiB + 256 * 1024
+    # verify = auto on Azure: service-checked writes + a sample read back (here: all of it)
+    assert any(
+        n.startswith("verify: every write checked by the service") and n.endswith("compared")
+        for n in full.notes
+    ), full.notes
     assert_point_equals_source(env, "az1", {"vda": 48 * MiB, "vdb": 16 * MiB})
 
     env.write("az1", "vda", 10 * MiB, 65536, 0x33)
@@ -265,9 +275,8 @@ def test_storage_down_mid_cycle_fails_cleanly_then_resumes(lab: Lab, azenv: Azur
     assert_point_equals_source(env, "az1", {"vda": 48 * MiB, "vdb": 20 * MiB})
 
 
-def test_unplanned_failover_to_azure_commit_and_no_reprotect_yet(lab: Lab, azenv: AzureEnv) -> None:
-    env = lab
-    arm = azenv.arm
+def dr_network(env: Lab) -> None:
+    """The DR virtual network the site maps real failovers into (made once by the operator)."""
     net = azure_target(env).clients.network
     net.virtual_networks.begin_create_or_update(
         "standby-dr",
@@ -280,6 +289,96 @@ def test_unplanned_failover_to_azure_commit_and_no_reprotect_yet(lab: Lab, azenv
             },
         },
     ).result()
+
+
+def _managed_disk(arm: object, vm: str, disk: str) -> str:
+    """The name of the managed disk the failover made for one source disk of a VM."""
+    disks = arm.resources("disks")  # type: ignore[attr-defined]
+    return next(
+        name
+        for name, d in disks.items()
+        if d["tags"].get("standby-disk") == disk and name.startswith(f"{vm}-")
+    )
+
+
+def _domain_disk(conn: object, name: str, dev: str) -> Path:
+    from standby.plugins.physical.domxml import disk_sources
+
+    dom = conn.lookupByName(name)  # type: ignore[attr-defined]
+    return Path(disk_sources(dom.XMLDesc(0))[dev]["file"])
+
+
+def test_planned_round_trip_through_azure(lab: Lab, azenv: AzureEnv) -> None:
+    """KVM -> Azure (planned, zero loss) -> commit -> re-protect Azure -> KVM (seeded from the
+    original disks) -> failback home -> commit -> re-protect KVM -> Azure again."""
+    env, arm = lab, azenv.arm
+    # home is where failback lands: it needs a replica directory
+    write_site(
+        env.home,
+        "src",
+        f'plugin = "physical"\nuri = "{env.src_uri}"\npool_dir = "{env.base}/srcpool"\n'
+        'domain_type = "qemu"\n',
+    )
+    env.release()
+    dr_network(env)
+    e = env.engine
+    sizes = {"vda": 32 * MiB, "vdb": 16 * MiB}
+    env.create_vm("rt1", [("vda", sizes["vda"], "qcow2"), ("vdb", sizes["vdb"], "qcow2")])
+    env.write("rt1", "vda", 0, 2 * MiB, 0x11)
+    env.write("rt1", "vdb", MiB, MiB, 0x22)
+    e.protect("rt1", "src", "azure", Policy(shutdown_timeout_seconds=1))
+    e.replicate("rt1")
+
+    env.write("rt1", "vda", 5 * MiB, 65536, 0x77)  # just before the planned failover
+    fo = e.failover("rt1", kind="planned")
+    assert fo.kind == "planned" and fo.data_loss_seconds == 0
+    assert env.src.lookupByName("rt1").isActive() == 0, "the source VM was shut down"
+    assert "rt1" in arm.resources("vms")
+    at_azure = arm.disk_data(_managed_disk(arm, "rt1", "vda"))
+    assert at_azure.download_blob(offset=5 * MiB, length=65536).readall() == b"\x77" * 65536
+
+    e.commit("rt1")
+    e.reprotect("rt1")
+    with e.state.session() as s:
+        prot = e.state.protection(s, "rt1")
+        assert (prot.source_site, prot.target_site) == ("azure", "src")
+
+    # the VM works in Azure; only what it wrote travels back
+    at_azure.upload_page(b"\x99" * 65536, offset=9 * MiB, length=65536)
+    arm.disk_data(_managed_disk(arm, "rt1", "vdb")).upload_page(
+        b"\x98" * 65536, offset=0, length=65536
+    )
+    first = e.replicate("rt1")
+    assert first.kind == "hashcompare"
+    assert first.bytes_written == 2 * 65536, "only the blocks written in Azure travel back"
+    assert not arm.resources("snapshots"), "the cycle's disk snapshots are gone"
+
+    fb = e.failback("rt1")
+    assert fb.kind == "planned" and fb.data_loss_seconds == 0
+    power = arm._vm_state[arm.resources("vms")["rt1"]["id"].lower()]["power"]
+    assert power in ("deallocated", "deallocating", "stopped"), power
+    assert env.src.lookupByName("rt1").isActive() == 1
+    home_vda = _domain_disk(env.src, "rt1", "vda")
+    assert lab_mod.has_pattern(home_vda, 9 * MiB, 65536, 0x99), "the Azure write came home"
+    assert lab_mod.has_pattern(home_vda, 5 * MiB, 65536, 0x77)
+    assert lab_mod.has_pattern(_domain_disk(env.src, "rt1", "vdb"), 0, 65536, 0x98)
+
+    e.commit("rt1")
+    e.reprotect("rt1")  # towards Azure again: the failed-over VM goes, the replica blobs seed
+    assert "rt1" not in arm.resources("vms")
+    assert not [n for n in arm.resources("disks") if n.startswith("rt1-")]
+    again = e.replicate("rt1")
+    assert again.bytes_written == 2 * 65536, "the replica blobs are read back, not re-sent"
+    assert_point_equals_source(env, "rt1", sizes, current=True)
+    with e.state.session() as s:
+        prot = e.state.protection(s, "rt1")
+        assert (prot.source_site, prot.target_site, prot.generation) == ("src", "azure", 3)
+
+
+def test_unplanned_failover_to_azure_commit_and_reprotect(lab: Lab, azenv: AzureEnv) -> None:
+    env = lab
+    arm = azenv.arm
+    dr_network(env)
     env.engine.replicate("az1")
     fo = env.engine.failover("az1", kind="unplanned")
     assert fo.vm_name == "az1" and fo.data_loss_seconds is not None
@@ -301,4 +400,9 @@ def test_unplanned_failover_to_azure_commit_and_no_reprotect_yet(lab: Lab, azenv
     assert len(snaps) == 2  # one point (2 disks) kept: the one the VM came from
     assert "az1" in arm.resources("vms")
     r = env.cli("reprotect", "az1")
-    assert r.returncode == 5 and "cannot be a replication source" in r.stderr
+    assert r.returncode == 2 and "is running at 'src'" in r.stderr  # home came back running
+    env.src.lookupByName("az1").destroy()  # the operator stops it: Azure has the live copy
+    r = env.cli("reprotect", "az1", check=True)
+    with env.engine.state.session() as s:
+        prot = env.engine.state.protection(s, "az1")
+        assert (prot.source_site, prot.target_site) == ("azure", "src"), r.stdout

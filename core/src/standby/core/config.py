@@ -161,7 +161,7 @@ class Policy(BaseModel):
     retain_age_seconds: int = 7 * 86400
     app_consistent_every_seconds: int = 0
     bandwidth_mbps: float = 0.0
-    verify: str = "full"
+    verify: str = "auto"
     shutdown_timeout_seconds: int = 120
 
     @classmethod
@@ -193,8 +193,8 @@ class Policy(BaseModel):
             raise ConfigError(f"{where}: rpo must be at least 10s")
         if self.retain_count < 1:
             raise ConfigError(f"{where}: retain must keep at least 1 recovery point")
-        if self.verify not in ("full", "sample", "none"):
-            raise ConfigError(f"{where}: verify must be full, sample or none")
+        if self.verify not in ("auto", "full", "sample", "none"):
+            raise ConfigError(f"{where}: verify must be auto, full, sample or none")
         if self.bandwidth_mbps < 0:
             raise ConfigError(f"{where}: bandwidth_mbps cannot be negative")
         return self

@@ -102,6 +102,17 @@ class NullProgress:
         pass
 
 
+SAMPLE_UNITS = 16
+"""Units (of UNIT bytes) per disk a sampled verification reads back."""
+
+
+def verify_mode(policy: Policy, target: Target) -> str:
+    """What `verify` means for this target: auto = full, or sample when writes are checked."""
+    if policy.verify != "auto":
+        return policy.verify
+    return "sample" if target.capabilities.checked_writes else "full"
+
+
 @dataclass
 class CycleReport:
     """What one cycle did, for the CLI and benchmarks."""
@@ -521,7 +532,15 @@ class Engine:
                     c.kind = kind
                     c.bytes_planned = sum(total(j.plan) for j in jobs)
                 stats = self._copy(cycle_id, vm_name, source, target, snap, writer, jobs, policy)
-                self._verify(cycle_id, writer, jobs, policy)
+                note = self._verify(
+                    cycle_id,
+                    writer,
+                    jobs,
+                    verify_mode(policy, target),
+                    checked=target.capabilities.checked_writes,
+                )
+                if note:
+                    snap.notes.append(note)
                 with self.state.session() as s:
                     c = s.get(Cycle, cycle_id)
                     assert c is not None
@@ -797,18 +816,28 @@ class Engine:
                     row.manifest = m.to_blob()
 
     def _verify(
-        self, cycle_id: int, writer: ReplicaWriter, jobs: list[_DiskJob], policy: Policy
-    ) -> None:
-        """Read back what this cycle wrote and compare with the manifest before any commit."""
-        if policy.verify == "none":
-            return
+        self,
+        cycle_id: int,
+        writer: ReplicaWriter,
+        jobs: list[_DiskJob],
+        mode: str,
+        *,
+        checked: bool = False,
+    ) -> str:
+        """Read back what this cycle wrote and compare with the manifest before any commit.
+
+        Returns a note for the point when less than everything was read back."""
+        written = sum(total(normalize(j.written)) for j in jobs)
+        if mode == "none":
+            how = "; every write checked by the service (Content-MD5)" if checked else ""
+            return f"verify: none (policy), {written} written bytes not read back{how}"
         bad: dict[str, Intervals] = {}
         work: list[tuple[_DiskJob, int, int]] = []
         for job in jobs:
             ranges = split(normalize(job.written), UNIT)
-            if policy.verify == "sample" and ranges:
+            if mode == "sample" and ranges:
                 rng = random.Random(cycle_id)
-                ranges = sorted(rng.sample(ranges, max(1, min(len(ranges), 16))))
+                ranges = sorted(rng.sample(ranges, max(1, min(len(ranges), SAMPLE_UNITS))))
             work += [(job, start, end) for start, end in ranges]
 
         def check(item: tuple[_DiskJob, int, int]) -> list[tuple[str, int, int]]:
@@ -840,6 +869,11 @@ class Engine:
             raise TransientError(
                 f"verification failed on {names}; no point was made, the next cycle rewrites them"
             )
+        if mode == "full" or not written:
+            return ""
+        sampled = sum(end - start for _, start, end in work)
+        how = "every write checked by the service (Content-MD5), " if checked else ""
+        return f"verify: {how}{sampled} of {written} written bytes read back and compared"
 
     def _point_meta(self, cycle_id: int) -> dict[str, Any]:
         """The engine's record of a point about to be sealed, for targets that store it."""

@@ -53,6 +53,9 @@ class TargetCapabilities:
     alignment: int = 512
     max_write: int = 4 << 20
     max_parallel_writes: int = 4
+    checked_writes: bool = False
+    """The service checks every write against a checksum sent with it (Azure's transactional
+    Content-MD5), so policy `verify = "auto"` reads back a sample instead of everything."""
 
 
 @dataclass
@@ -284,7 +287,10 @@ class Target(Plugin):
 
     def seed(self, protection: ProtectionInfo, original: VMSpec) -> dict[str, Any] | None:
         """For re-protect towards this site: a point ref over the VM's original disks here
-        (shut down; the new replica is layered on them), or None to copy everything."""
+        (shut down; the new replica is layered on them), or None to copy everything.
+
+        The ref may say `"exact": False` when the data it seeds with is not the failed-over
+        point's (e.g. an older replica): the engine then reads it back block by block."""
         return None
 
     def estimate_cost(self, usage: list[Usage]) -> CostEstimate:

@@ -416,7 +416,10 @@ def reprotect(engine: Engine, vm_key: str) -> Protection:
             prot.state = "protected"
             prot.health, prot.health_reason = "ok", ""
             if seed_ref is not None:
-                _add_seed(s, prot, used, seed_ref, vm, exact=fo_kind == "planned")
+                # A target may seed with data it cannot vouch for ("exact": False): the engine
+                # then reads it back before deciding what to ship.
+                exact = fo_kind == "planned" and seed_ref.get("exact", True) is not False
+                _add_seed(s, prot, used, seed_ref, vm, exact=exact)
             fo = _active_real(s, prot)
             fo.state = "reprotected"
             fo.finished_at = datetime.now(UTC)

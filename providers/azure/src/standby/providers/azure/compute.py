@@ -21,6 +21,9 @@ DATA_DISK_MAX = 32767 * GiB
 MAX_DATA_DISKS = 64
 TAG_PROTECTION = "standby-protection"
 TAG_FAILOVER = "standby-failover"
+TAG_DISK = "standby-disk"
+"""On a failed-over managed disk: the source disk it holds (how failback maps it back)."""
+TAG_KIND = "standby-kind"
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,30 @@ class VMSize:
     cores: int
     memory_mib: int
     max_data_disks: int
+
+
+POWER = {
+    "running": "running",
+    "starting": "running",
+    "stopping": "shutdown",
+    "stopped": "shutoff",
+    "deallocating": "shutoff",
+    "deallocated": "shutoff",
+}
+"""Azure PowerState/<code> -> standby's power states (a stopped guest is shut off)."""
+
+
+def power_state(clients: AzureClients, name: str) -> str:
+    """A VM's power state in standby's words: running, shutdown, shutoff or unknown."""
+    rg = clients.opts.resource_group
+    view = call(
+        f"instance view of VM {name}", clients.compute.virtual_machines.instance_view, rg, name
+    )
+    for status in view.statuses or []:
+        code = str(status.code or "")
+        if code.startswith("PowerState/"):
+            return POWER.get(code.split("/", 1)[1], "unknown")
+    return "unknown"
 
 
 def boot_disk(vm: VMSpec) -> DiskSpec:
@@ -213,7 +240,7 @@ class Failover:
         base = _safe(vm.name, 40)
         kind = "test" if test else "fo"
         vm_name = f"{base}-test" if test else base
-        self.tags["standby-kind"] = "test" if test else "failover"
+        self.tags[TAG_KIND] = "test" if test else "failover"
         self.tags["standby-point"] = str(point.id)
         subnet = self.network(test, network)
         boot = boot_disk(vm)
@@ -232,6 +259,7 @@ class Failover:
                     self._disk,
                     f"{base}-{_safe(d.name, 20)}-{kind}{self.key}",
                     f"{container_url}/{blobs[d.name]}?snapshot={snaps[d.name]}",
+                    d,
                     d is boot,
                 )
                 for d in ordered
@@ -262,7 +290,7 @@ class Failover:
             ),
         )
 
-    def _disk(self, name: str, source_uri: str, boot: bool) -> str:
+    def _disk(self, name: str, source_uri: str, disk: DiskSpec, boot: bool) -> str:
         existing = self._existing(self.c.compute.disks.get, name)
         if existing is not None:
             return str(existing.id)
@@ -277,7 +305,7 @@ class Failover:
             props.update(osType=os_type(self.p.vm), hyperVGeneration=generation(self.p.vm))
         body = {
             "location": self.o.location,
-            "tags": self.tags,
+            "tags": {**self.tags, TAG_DISK: disk.name},
             "sku": {"name": self.o.disk_sku},
             "properties": props,
         }

@@ -225,6 +225,42 @@ def call(what: str, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         return fn(*args, **kwargs)
 
 
+class AzurePlugin:
+    """What the Azure source and target share: the site's options and SDK clients."""
+
+    site: Any
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        import importlib.util
+
+        for mod in ("azure.storage.blob", "azure.identity", "azure.mgmt.compute",
+                    "azure.mgmt.network"):  # fmt: skip
+            try:
+                if importlib.util.find_spec(mod) is None:
+                    return f"Python package for {mod} is not installed"
+            except ModuleNotFoundError:
+                return f"Python package for {mod} is not installed"
+        return None
+
+    @cached_property
+    def opts(self) -> AzureOptions:
+        return self.site.options(AzureOptions)  # type: ignore[no-any-return]
+
+    @cached_property
+    def clients(self) -> AzureClients:
+        return AzureClients(self.opts)
+
+    def connect(self) -> None:
+        _ = self.opts
+        self.clients.verify  # noqa: B018 (checks ca_file early)
+
+    def close(self) -> None:
+        if "clients" in self.__dict__:
+            self.clients.close()
+            del self.__dict__["clients"]
+
+
 class AzureClients:
     """Lazily built SDK clients of one site, sharing transport settings."""
 

@@ -14,6 +14,7 @@ Azure's limits are enforced here because Azurite does not: Put Page takes at mos
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
@@ -56,6 +57,30 @@ def check_range(offset: int, length: int, size: int, what: str) -> None:
         raise PluginError(f"{what}: range {offset}+{length} is not 512-byte aligned")
     if offset < 0 or offset + length > size:
         raise PluginError(f"{what}: range {offset}+{length} is outside the disk ({size} bytes)")
+
+
+def read_range(client: Any, extent: Extent, what: str) -> bytes:
+    """One ranged Get Blob (of the client's snapshot, if it names one).
+
+    `download_blob` follows every page-blob read with a Get Page Ranges of the WHOLE blob (to
+    skip holes in large downloads); for 4 MiB reads that doubles the requests and costs more
+    than the read. The SDK's generated operation does just the ranged GET; `download_blob`
+    remains the fallback should that layer move.
+    """
+    end = extent.offset + extent.length - 1
+    generated = getattr(getattr(client, "_client", None), "blob", None)
+    with azure_errors(what):
+        if generated is not None and hasattr(generated, "download"):
+            data = b"".join(
+                generated.download(snapshot=client.snapshot, range=f"bytes={extent.offset}-{end}")
+            )
+        else:
+            data = client.download_blob(
+                offset=extent.offset, length=extent.length, max_concurrency=1
+            ).readall()
+    if len(data) != extent.length:
+        raise TransientError(f"{what}: {len(data)} of {extent.length} bytes at {extent.offset}")
+    return bytes(data)
 
 
 class PageBlobDisk:
@@ -118,7 +143,11 @@ class PageBlobDisk:
         with azure_errors(f"write to replica blob {self.name}"):
             for start in range(0, len(view), MAX_PUT_PAGE):
                 piece = view[start : start + MAX_PUT_PAGE]
-                self.client.upload_page(piece, offset=offset + start, length=len(piece))
+                # The service checks the body against this MD5 and rejects a damaged write.
+                md5 = hashlib.md5(piece, usedforsecurity=False).digest()
+                self.client.upload_page(
+                    piece, offset=offset + start, length=len(piece), transactional_content_md5=md5
+                )
 
     def zero(self, extent: Extent) -> None:
         length = -(-extent.length // PAGE) * PAGE
@@ -127,31 +156,11 @@ class PageBlobDisk:
             self.client.clear_page(offset=extent.offset, length=length)
 
     def read(self, extent: Extent, snapshot: str | None = None) -> bytes:
-        """One ranged Get Blob.
-
-        `download_blob` follows every page-blob read with a Get Page Ranges of the WHOLE blob
-        (to skip holes in large downloads); for the engine's 4 MiB read-backs that doubles the
-        requests and costs more than the read. The SDK's generated operation does just the
-        ranged GET; `download_blob` remains the fallback should that layer move.
-        """
-        what = f"read replica blob {self.name}"
-        end = extent.offset + extent.length - 1
-        generated = getattr(getattr(self.client, "_client", None), "blob", None)
-        with azure_errors(what):
-            if generated is not None and hasattr(generated, "download"):
-                data = b"".join(
-                    generated.download(snapshot=snapshot, range=f"bytes={extent.offset}-{end}")
-                )
-            else:
-                client = self.client
-                if snapshot:
-                    client = self.container.get_blob_client(self.name, snapshot=snapshot)
-                data = client.download_blob(
-                    offset=extent.offset, length=extent.length, max_concurrency=1
-                ).readall()
-        if len(data) != extent.length:
-            raise TransientError(f"{what}: {len(data)} of {extent.length} bytes at {extent.offset}")
-        return bytes(data)
+        """One ranged Get Blob of the base blob or one of its snapshots."""
+        client = self.client
+        if snapshot:
+            client = self.container.get_blob_client(self.name, snapshot=snapshot)
+        return read_range(client, extent, f"read replica blob {self.name}")
 
     def snapshots(self) -> dict[int, str]:
         """Point id -> snapshot time of this blob's snapshots made by standby."""

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from functools import cached_property
 from typing import Any, ClassVar
 
-from standby.core.errors import PluginError
+from standby.core.errors import ConfigError, PluginError
 from standby.core.interfaces import ReplicaWriter, Target, TargetCapabilities
 from standby.core.model import (
     CostEstimate,
@@ -20,10 +20,10 @@ from standby.core.model import (
     VMSpec,
 )
 from standby.providers.azure import compute, cost, storage
-from standby.providers.azure.conn import AzureClients, AzureOptions, azure_errors
+from standby.providers.azure.conn import AzurePlugin, azure_errors, call
 
 
-class AzureTarget(Target):
+class AzureTarget(AzurePlugin, Target):
     """An Azure subscription + resource group + storage account as the DR site."""
 
     plugin_name = "azure"
@@ -34,41 +34,8 @@ class AzureTarget(Target):
         alignment=storage.PAGE,
         max_write=storage.MAX_PUT_PAGE,
         max_parallel_writes=8,
+        checked_writes=True,
     )
-
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        import importlib.util
-
-        for mod in (
-            "azure.storage.blob",
-            "azure.identity",
-            "azure.mgmt.compute",
-            "azure.mgmt.network",
-        ):
-            try:
-                if importlib.util.find_spec(mod) is None:
-                    return f"Python package for {mod} is not installed"
-            except ModuleNotFoundError:
-                return f"Python package for {mod} is not installed"
-        return None
-
-    @cached_property
-    def opts(self) -> AzureOptions:
-        return self.site.options(AzureOptions)
-
-    @cached_property
-    def clients(self) -> AzureClients:
-        return AzureClients(self.opts)
-
-    def connect(self) -> None:
-        _ = self.opts
-        self.clients.verify  # noqa: B018 (checks ca_file early)
-
-    def close(self) -> None:
-        if "clients" in self.__dict__:
-            self.clients.close()
-            del self.__dict__["clients"]
 
     def check(self) -> list[str]:
         self.connect()
@@ -207,6 +174,38 @@ class AzureTarget(Target):
         if key is None:
             raise PluginError("failover reference has no failover id; nothing to find by tag")
         compute.Failover(self.clients, protection, str(key), self.step).cleanup()
+
+    def seed(self, protection: ProtectionInfo, original: VMSpec) -> dict[str, Any] | None:
+        """Re-protect towards Azure after a failback: the replica blobs are still here and
+        hold the VM as it was when it failed over to Azure; they seed the new replica, their
+        content unknown to the engine (it reads them back and ships only differences).
+
+        The failed-over Azure VM, its NICs and disks are deleted first: failback brought their
+        data home and stopped the VM. A VM of this protection still running is refused."""
+        rg, c = self.opts.resource_group, self.clients.compute
+        mine = [
+            vm
+            for vm in call("list VMs", lambda: list(c.virtual_machines.list(rg)))
+            if (vm.tags or {}).get(compute.TAG_PROTECTION) == str(protection.id)
+            and (vm.tags or {}).get(compute.TAG_KIND) == "failover"
+        ]
+        for vm in mine:
+            state = compute.power_state(self.clients, str(vm.name))
+            if state != "shutoff":
+                raise ConfigError(
+                    f"the failed-over Azure VM {vm.name} is {state}; fail back (or stop it) "
+                    "before re-protecting to Azure"
+                )
+        for vm in mine:
+            key = str((vm.tags or {}).get(compute.TAG_FAILOVER))
+            self.step(f"removing the failed-over Azure VM {vm.name} (failback took its data home)")
+            compute.Failover(self.clients, protection, key, self.step).cleanup()
+        for disk in self._disks(protection):
+            disk.ensure()
+        return {
+            "blobs": {d.name: storage.disk_blob(protection, d.name) for d in protection.vm.disks},
+            "exact": False,
+        }
 
     def estimate_cost(self, usage: list[Usage]) -> CostEstimate:
         return cost.estimate(usage, self.prices, self.opts.disk_sku)
