@@ -36,14 +36,19 @@ lab --uri "$SRC" write app02 vda $((1*MiB)) $((8*MiB)) --pattern 0x11
 lab --uri "$SRC" write app02 vdb 0 $((2*MiB)) --pattern 0x22
 
 step "two sites: the source host, and Azure (site file as an operator writes it)"
-standby sites add src --plugin physical --set uri="\"$SRC\""
+# pool_dir: where app02's replica lives when it is protected back home (failback)
+standby sites add src --plugin physical --set uri="\"$SRC\"" --set pool_dir="\"$W/src-pool\"" \
+  --set domain_type='"qemu"'
+mkdir -p "$STANDBY_HOME/policies"
+# app02 has no OS to answer an ACPI shutdown: a planned failover powers it off after 2s
+printf 'rpo = "15m"\nretain = 3\nshutdown_timeout = "2s"\n' > "$STANDBY_HOME/policies/demo.toml"
 mkdir -p "$STANDBY_HOME/sites"
 cp "$W/azure/site.toml" "$STANDBY_HOME/sites/azure.toml"
 cat "$STANDBY_HOME/sites/azure.toml"
 standby sites check azure
 
 step "protect app02 to Azure: validated against the region's VM sizes, then the full sync"
-standby protect app02 --from src --to azure --rpo 15m --retain 3
+standby protect app02 --from src --to azure --policy demo
 standby replicate app02
 
 step "the guest writes; incremental cycles ship only what changed"
@@ -95,6 +100,51 @@ standby events app02 | tail -n 8
 
 step "what this costs: storage while protected, compute after a failover (sample price table)"
 standby cost app02
+
+step "a real, planned failover to Azure: app02 shut down, final cycle, Azure VM in the DR network"
+lab --uri "$SRC" write app02 vda $((230*MiB)) 65536 --pattern 0x77   # just before: not lost
+standby failover app02 --planned
+standby commit app02
+
+step "re-protect: Azure -> home, layered on app02's original disks (still there, shut off)"
+standby reprotect app02
+step "app02 works in Azure: its guest writes 64 KiB (the demo writes into the managed disk's storage)"
+uv run --no-sync python - <<'PY'
+import sys
+sys.path.insert(0, "tests")
+from doubles.azure_arm import MANAGED, managed_blob
+from standby.core.config import get_site
+from standby.providers.azure.target import AzureTarget
+from azure.storage.blob import BlobClient
+target = AzureTarget(get_site("azure"))
+disk = next(d for d in target.clients.compute.disks.list_by_resource_group("standby-dr")
+            if (d.tags or {}).get("standby-disk") == "vda")
+c = target.clients.container  # same storage account as the replicas (one Azurite)
+blob = BlobClient(c.url.rsplit("/", 1)[0], MANAGED, managed_blob(disk.id),
+                  credential=c.credential, connection_verify=target.clients.verify)
+blob.upload_page(b"\x99" * 65536, offset=150 * (1 << 20), length=65536)
+print(f"wrote 64 KiB at 150 MiB of managed disk {disk.name}")
+PY
+step "the reverse cycle reads Azure disk snapshots over a SAS and ships only what differs"
+standby replicate app02 --json > "$W/back.json"
+uv run --no-sync python - "$W/back.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))[0]
+print(f"{r['kind']} cycle: read {r['bytes_read']} bytes from Azure, wrote {r['bytes_written']} at home")
+PY
+
+step "failback: the Azure VM stopped and deallocated, final cycle, app02 starts at home"
+standby failback app02
+HOME_VDA=$(lab --uri "$SRC" disk app02 vda)
+qemu-io -U -r -f qcow2 -c "read -P 0x99 $((150*MiB)) 65536" "$HOME_VDA" | head -n 1
+qemu-io -U -r -f qcow2 -c "read -P 0x77 $((230*MiB)) 65536" "$HOME_VDA" | head -n 1
+echo "the write made in Azure and the last write before the failover are both at home"
+
+step "commit, and protected to Azure again (the stopped Azure VM is removed; the blobs seed it)"
+standby commit app02
+standby reprotect app02
+standby replicate app02
+standby status
 
 step "demo done"
 lab --uri "$SRC" destroy app02

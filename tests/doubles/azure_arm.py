@@ -102,6 +102,11 @@ _ID = re.compile(
 )
 
 
+def managed_blob(rid: str) -> str:
+    """The name of the page blob (in container MANAGED) that holds a managed disk's data."""
+    return rid.lower().split("/resourcegroups/", 1)[1].replace("/", "-") + ".vhd"
+
+
 def default_sizes() -> list[Json]:
     """The default ``vmSizes`` list (a fresh copy)."""
     return [
@@ -602,7 +607,7 @@ class FakeArm:
             parts = urlsplit(source_uri)
             account = parts.path.strip("/").split("/")[0]
             self.blob_base = self.blob_base or f"{parts.scheme}://{parts.netloc}/{account}"
-        name = rid.lower().split("/resourcegroups/", 1)[1].replace("/", "-") + ".vhd"
+        name = managed_blob(rid)
         if self.blob_base is None:
             return ""  # an Empty disk before any import: no data kept (nothing reads it)
         dest = self._blob(name)

@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with azure_doubles(persist=True, base=base) as env:
+        env.make_dr_network()
         (base / "site.toml").write_text(env.site_toml(args.container))
         (base / "env").write_text(
             "".join(f"export {k}='{os.environ[k]}'\n" for k in (KEY_ENV, SECRET_ENV))

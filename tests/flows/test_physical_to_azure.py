@@ -275,22 +275,6 @@ def test_storage_down_mid_cycle_fails_cleanly_then_resumes(lab: Lab, azenv: Azur
     assert_point_equals_source(env, "az1", {"vda": 48 * MiB, "vdb": 20 * MiB})
 
 
-def dr_network(env: Lab) -> None:
-    """The DR virtual network the site maps real failovers into (made once by the operator)."""
-    net = azure_target(env).clients.network
-    net.virtual_networks.begin_create_or_update(
-        "standby-dr",
-        "dr-vnet",
-        {
-            "location": "westeurope",
-            "properties": {
-                "addressSpace": {"addressPrefixes": ["10.1.0.0/16"]},
-                "subnets": [{"name": "default", "properties": {"addressPrefix": "10.1.0.0/24"}}],
-            },
-        },
-    ).result()
-
-
 def _managed_disk(arm: object, vm: str, disk: str) -> str:
     """The name of the managed disk the failover made for one source disk of a VM."""
     disks = arm.resources("disks")  # type: ignore[attr-defined]
@@ -320,7 +304,7 @@ def test_planned_round_trip_through_azure(lab: Lab, azenv: AzureEnv) -> None:
         'domain_type = "qemu"\n',
     )
     env.release()
-    dr_network(env)
+    azenv.make_dr_network()
     e = env.engine
     sizes = {"vda": 32 * MiB, "vdb": 16 * MiB}
     env.create_vm("rt1", [("vda", sizes["vda"], "qcow2"), ("vdb", sizes["vdb"], "qcow2")])
@@ -378,7 +362,7 @@ def test_planned_round_trip_through_azure(lab: Lab, azenv: AzureEnv) -> None:
 def test_unplanned_failover_to_azure_commit_and_reprotect(lab: Lab, azenv: AzureEnv) -> None:
     env = lab
     arm = azenv.arm
-    dr_network(env)
+    azenv.make_dr_network()
     env.engine.replicate("az1")
     fo = env.engine.failover("az1", kind="unplanned")
     assert fo.vm_name == "az1" and fo.data_loss_seconds is not None

@@ -61,6 +61,30 @@ class AzureEnv:
             self.base / "azurite", self.cert, self.key, self.base / "blobs", port=self.azurite.port
         )
 
+    def make_dr_network(self) -> None:
+        """The DR virtual network the site file maps real failovers into (`dr-vnet/default`),
+        as an operator would have made it beforehand (idempotent)."""
+        from azure.mgmt.network import NetworkManagementClient
+
+        from standby.providers.azure.conn import StaticToken
+
+        client = NetworkManagementClient(
+            StaticToken("fake-arm-accepts-any-bearer-token"),
+            SUBSCRIPTION,
+            base_url=self.arm.url,
+            connection_verify=str(self.cert),
+            polling_interval=0,
+        )
+        body = {
+            "location": "westeurope",
+            "properties": {
+                "addressSpace": {"addressPrefixes": ["10.1.0.0/16"]},
+                "subnets": [{"name": "default", "properties": {"addressPrefix": "10.1.0.0/24"}}],
+            },
+        }
+        client.virtual_networks.begin_create_or_update(RESOURCE_GROUP, "dr-vnet", body).result()
+        client.close()
+
     def site_toml(self, container: str, **extra: Any) -> str:
         raw = self.site_raw(container, **extra)
         cred = raw.pop("credential")
