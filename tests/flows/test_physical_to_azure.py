@@ -359,6 +359,37 @@ def test_planned_round_trip_through_azure(lab: Lab, azenv: AzureEnv) -> None:
         assert (prot.source_site, prot.target_site, prot.generation) == ("src", "azure", 3)
 
 
+def test_plan_drill_on_azure(lab: Lab, azenv: AzureEnv, tmp_path: Path) -> None:
+    """A recovery plan drilled against Azure: test VM in the isolated network, a command
+    health check that sees the VM's Azure address, report, and nothing left afterwards."""
+    env, arm = lab, azenv.arm
+    seen = tmp_path / "seen"
+    plan = tmp_path / "azplan.toml"
+    plan.write_text(
+        f"""
+name = "azure-erp"
+[[groups]]
+name = "app"
+vms = ["rt1"]
+  [[groups.after]]
+  type = "wait"
+  command = "echo $STANDBY_VM $STANDBY_VM_ADDRESS >> {seen}"
+  timeout = "20s"
+"""
+    )
+    env.cli("plan", "check", str(plan), check=True)
+    r = env.cli("drill", str(plan), "--json", check=True)
+    run = json.loads(r.stdout)
+    report = json.loads((env.home / "reports" / f"drill-{run['run']}.json").read_text())
+    (vm,) = report["vms"]
+    assert vm["vm"] == "rt1" and vm["target_vm"] == "rt1-test" and vm["healthy"] is True
+    assert vm["point_id"] is not None and vm["addresses"][0].startswith("10.250.0.")
+    assert seen.read_text().split() == ["rt1", vm["addresses"][0]]
+    assert report["rto_seconds"] == vm["recovered_seconds"]
+    assert not [n for n in arm.resources("vms") if n.endswith("-test")], "drill cleaned up"
+    assert not [n for n in arm.resources("disks") if "-test" in n]
+
+
 def test_unplanned_failover_to_azure_commit_and_reprotect(lab: Lab, azenv: AzureEnv) -> None:
     env = lab
     arm = azenv.arm
