@@ -6,10 +6,21 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from azure.storage.blob import ContainerClient
 
 from standby.core.config import Site
-from standby.core.model import DiskSpec, Extent, NicSpec, PointInfo, ProtectionInfo, VMSpec
-from standby.core.testing import TargetContract
+from standby.core.model import (
+    Consistency,
+    DiskSpec,
+    Extent,
+    NicSpec,
+    PointInfo,
+    ProtectionInfo,
+    VMSpec,
+)
+from standby.core.testing import SourceContract, TargetContract
+from standby.providers.azure import vhd
+from standby.providers.azure.source import AzureSource
 from standby.providers.azure.target import AzureTarget
 from support.azure import AzureEnv
 
@@ -55,14 +66,98 @@ class TestAzureTarget(TargetContract):
     """Target side of the kit, against Azurite and the fake ARM."""
 
 
+@pytest.fixture(scope="module")
+def source(azenv: AzureEnv, target: AzureTarget) -> Iterator[AzureSource]:
+    """An Azure VM made directly through ARM (as an operator's VM would be): one 16 MiB
+    managed disk imported from a page blob, a NIC, Standard_B1s."""
+    azenv.make_dr_network()
+    c, rg = target.clients, "standby-dr"
+    blobs = ContainerClient(
+        azenv.azurite.endpoint,
+        "kit-src",
+        credential={"account_name": azenv.azurite.account, "account_key": azenv.azurite.key},
+        connection_verify=str(azenv.cert),
+    )
+    blobs.create_container()
+    size = 16 * MiB
+    blob = blobs.get_blob_client("kitsrc.vhd")
+    blob.create_page_blob(size + vhd.FOOTER)
+    blob.upload_page(vhd.new_footer(size).pack(), offset=size, length=vhd.FOOTER)
+    snap = blob.create_snapshot()["snapshot"]
+    creation = {
+        "createOption": "Import",
+        "sourceUri": f"{blob.url}?snapshot={snap}",
+        "storageAccountId": target.opts.account_id(),
+    }
+    disk = c.compute.disks.begin_create_or_update(
+        rg, "kitsrc-os", {"location": "westeurope", "properties": {"creationData": creation}}
+    ).result()
+    subnet = c.network.subnets.get(rg, "dr-vnet", "default")
+    ipc = {"name": "ip", "properties": {"subnet": {"id": subnet.id}}}
+    nic = c.network.network_interfaces.begin_create_or_update(
+        rg, "kitsrc-nic", {"location": "westeurope", "properties": {"ipConfigurations": [ipc]}}
+    ).result()
+    vm_body = {
+        "location": "westeurope",
+        "properties": {
+            "hardwareProfile": {"vmSize": "Standard_B1s"},
+            "storageProfile": {
+                "osDisk": {"createOption": "Attach", "osType": "Linux",
+                           "managedDisk": {"id": disk.id}},
+            },
+            "networkProfile": {"networkInterfaces": [{"id": nic.id}]},
+        },
+    }  # fmt: skip
+    c.compute.virtual_machines.begin_create_or_update(rg, "kitsrc", vm_body).result()
+    site = Site(name="azure-src", plugin="azure", path=target.site.path, raw=target.site.raw)
+    src = AzureSource(site)
+    src.connect()
+    try:
+        yield src
+    finally:
+        src.close()
+
+
+@pytest.fixture
+def contract_vm() -> str:
+    return "kitsrc"
+
+
+@pytest.fixture
+def mutate(azenv: AzureEnv) -> Callable[..., None]:
+    """Write into the VM's managed disk as its guest would (the disk's data in Azurite)."""
+
+    def write(vm: str, disk: str, offset: int, length: int, pattern: int) -> None:
+        assert (vm, disk) == ("kitsrc", "os")
+        azenv.arm.disk_data("kitsrc-os").upload_page(
+            bytes([pattern]) * length, offset=offset, length=length
+        )
+
+    return write
+
+
+class TestAzureSource(SourceContract):
+    """Source side of the kit: a VM running in Azure, read through disk snapshots + SAS."""
+
+
+def test_azure_source_snapshots_are_gone_after_a_cycle(
+    source: AzureSource, azenv: AzureEnv
+) -> None:
+    vm = source.get_vm("kitsrc")
+    assert [d.name for d in vm.disks] == ["os"] and vm.disks[0].size == 16 * MiB
+    assert vm.power_state == "running" and vm.nics and vm.nics[0].network == "default"
+    with source.open_snapshot(vm, Consistency.CRASH, {"os": None}) as snap:
+        assert azenv.arm.resources("snapshots"), "a cycle reads from a snapshot"
+        assert not snap.tokens["os"]
+    assert not azenv.arm.resources("snapshots")
+
+
 def test_page_writes_carry_the_md5_the_service_checks(azenv: AzureEnv) -> None:
     """Azurite ignores Content-MD5 on Put Page; Azure rejects a body that does not match it.
 
     So the header is checked here, on the wire, for every piece of a write above 4 MiB."""
     import base64
     import hashlib
-
-    from azure.storage.blob import ContainerClient
 
     from standby.providers.azure.storage import PageBlobDisk
 
