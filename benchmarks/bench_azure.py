@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import statistics
 import sys
 import time
@@ -295,20 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     size = int(args.size_gib * bp.GIB) // MIB * MIB
     work: Path = args.workdir.resolve()
-    if work.exists() and any(p.name != "results.json" for p in work.iterdir()):
-        raise SystemExit(f"{work} holds an earlier run; remove it (and any VMs in it) first")
-    work.mkdir(parents=True, exist_ok=True)
-    console = Console(width=max(132, shutil.get_terminal_size().columns))
-    try:
-        results = bench(work, size, max(1, args.runs), console)
-        text = json.dumps(results, indent=2)
-        (work / "results.json").write_text(text + "\n")
-        print(text)
-        show(results, console)
-    finally:
-        if not args.keep:
-            bp.clean(work)
-    return 0
+    runs = max(1, args.runs)
+    return bp.run_and_report(work, args.keep, 132, lambda c: bench(work, size, runs, c), show)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -400,6 +401,31 @@ def clean(work: Path) -> None:
             p.unlink()
 
 
+def run_and_report(
+    work: Path,
+    keep: bool,
+    width: int,
+    run: Callable[[Console], dict[str, Any]],
+    show: Callable[[dict[str, Any], Console], None],
+) -> int:
+    """The frame every benchmark shares: refuse a work directory that holds an earlier run,
+    run, write and print results.json, show the table, and clean up unless `keep`."""
+    if work.exists() and any(p.name != "results.json" for p in work.iterdir()):
+        raise SystemExit(f"{work} holds an earlier run; remove it (and any VMs in it) first")
+    work.mkdir(parents=True, exist_ok=True)
+    console = Console(width=max(width, shutil.get_terminal_size().columns))
+    try:
+        results = run(console)
+        text = json.dumps(results, indent=2)
+        (work / "results.json").write_text(text + "\n")
+        print(text)
+        show(results, console)
+    finally:
+        if not keep:
+            clean(work)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the options, run the benchmark, write results.json, print the figures."""
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -409,20 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     size = int(args.size_gib * GIB) // MIB * MIB
     work: Path = args.workdir.resolve()
-    if work.exists() and any(p.name != "results.json" for p in work.iterdir()):
-        raise SystemExit(f"{work} holds an earlier run; remove it (and any VMs in it) first")
-    work.mkdir(parents=True, exist_ok=True)
-    console = Console(width=max(120, shutil.get_terminal_size().columns))
-    try:
-        results = bench(work, size, console)
-        text = json.dumps(results, indent=2)
-        (work / "results.json").write_text(text + "\n")
-        print(text)
-        show(results, console)
-    finally:
-        if not args.keep:
-            clean(work)
-    return 0
+    return run_and_report(work, args.keep, 120, lambda c: bench(work, size, c), show)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import bench_physical as bp  # the shared benchmark frame (run_and_report)
 from rich.console import Console
 from rich.table import Table
 
@@ -308,22 +309,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 1:
         p.error("--runs must be at least 1")
     work: Path = args.workdir.resolve()
-    if work.exists() and any(x.name != "results.json" for x in work.iterdir()):
-        raise SystemExit(f"{work} holds an earlier run; remove it (and any VMs in it) first")
-    work.mkdir(parents=True, exist_ok=True)
-    console = Console(width=max(120, shutil.get_terminal_size().columns))
-    try:
-        results = bench(work, args.runs, not args.no_planned, args.domain_type, console)
-        text = json.dumps(results, indent=2)
-        (work / "results.json").write_text(text + "\n")
-        print(text)
-        show(results, console)
-    finally:
-        if not args.keep:
-            for x in work.iterdir():
-                if x.name != "results.json":
-                    shutil.rmtree(x, ignore_errors=True)
-    return 0
+    return bp.run_and_report(
+        work,
+        args.keep,
+        120,
+        lambda c: bench(work, args.runs, not args.no_planned, args.domain_type, c),
+        show,
+    )
 
 
 if __name__ == "__main__":

@@ -603,8 +603,8 @@ class FakeArm:
         """Give a new managed disk its own page blob: a copy of the import source, or zeroes."""
         from azure.core.exceptions import ResourceExistsError
 
+        parts = urlsplit(source_uri or "")
         if source_uri:
-            parts = urlsplit(source_uri)
             account = parts.path.strip("/").split("/")[0]
             self.blob_base = self.blob_base or f"{parts.scheme}://{parts.netloc}/{account}"
         name = managed_blob(rid)
@@ -624,7 +624,6 @@ class FakeArm:
             self._container_made = True
         dest.create_page_blob(int(size))
         if source_uri:
-            parts = urlsplit(source_uri)
             snap = parse_qs(parts.query).get("snapshot")
             src = BlobClient.from_blob_url(
                 f"{parts.scheme}://{parts.netloc}{parts.path}",
@@ -633,8 +632,9 @@ class FakeArm:
                 connection_verify=str(self.blob_ca) if self.blob_ca else True,
             )
             for r in src.list_page_ranges():
-                for off in range(r.start, r.end + 1, 4 << 20):
-                    n = min(4 << 20, r.end + 1 - off)
+                start, stop = int(r.start or 0), int(r.end or 0) + 1  # end is inclusive
+                for off in range(start, stop, 4 << 20):
+                    n = min(4 << 20, stop - off)
                     data = src.download_blob(offset=off, length=n).readall()
                     dest.upload_page(data, offset=off, length=n)
         return name

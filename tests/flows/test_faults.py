@@ -94,8 +94,7 @@ def test_nbd_server_left_by_a_previous_process_is_stopped(labenv: Lab, tmp_path:
     env.write("nbd1", "vda", 8 * MiB, MiB, 0x77)
     sock = tmp_path / "left.sock"
     addr = {"type": "unix", "data": {"path": str(sock)}}
-    start = {"execute": "nbd-server-start", "arguments": {"addr": addr}}
-    reply = json.loads(lv.qemu_monitor(env.src.lookupByName("nbd1"), json.dumps(start), 0))
+    reply = lv.qmp(env.src.lookupByName("nbd1"), "nbd-server-start", addr=addr)
     assert "error" not in reply, reply
     env.release()
     done = json.loads(env.cli("replicate", "nbd1", "--json", check=True).stdout)[0]

@@ -75,7 +75,7 @@ class AzureEnv:
             connection_verify=str(self.cert),
             polling_interval=0,
         )
-        body = {
+        body: Any = {
             "location": "westeurope",
             "properties": {
                 "addressSpace": {"addressPrefixes": ["10.1.0.0/16"]},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -227,6 +228,12 @@ def _shared_embedded(uri: str, root: Path) -> _SharedConn:
             entry = _embedded[uri] = [open_embedded(uri), 0]
         entry[1] += 1
         return _SharedConn(uri, entry[0])
+
+
+def qmp(dom: Any, command: str, **arguments: Any) -> dict[str, Any]:
+    """One QMP command through libvirt; QEMU's whole reply ({"return": ...} or {"error": ...})."""
+    msg = json.dumps({"execute": command, "arguments": arguments})
+    return dict(json.loads(qemu_monitor(dom, msg, 0)))
 
 
 def qemu_monitor(dom: Any, command: str, flags: int = 0) -> str:

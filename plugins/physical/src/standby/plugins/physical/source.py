@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -148,9 +147,8 @@ class PhysicalSource(lv.LibvirtPlugin, Source):
         job's end. Only used after backupBegin failed for exactly that reason."""
 
         def qmp(command: str, **arguments: Any) -> dict[str, Any]:
-            msg = json.dumps({"execute": command, "arguments": arguments})
             try:
-                return dict(json.loads(lv.qemu_monitor(dom, msg, 0)))
+                return lv.qmp(dom, command, **arguments)
             except Exception as exc:  # any failure means "not stopped"
                 return {"error": {"desc": str(exc)}}
 

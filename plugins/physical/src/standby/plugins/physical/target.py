@@ -232,9 +232,8 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
             dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
 
     def _qmp(self, dom: Any, command: str, **arguments: Any) -> Any:
-        msg = json.dumps({"execute": command, "arguments": arguments})
         with lv.libvirt_errors(f"replica appliance: {command}"):
-            reply = json.loads(lv.qemu_monitor(dom, msg, 0))
+            reply = lv.qmp(dom, command, **arguments)
         if "error" in reply:
             raise PluginError(f"replica appliance: {command}: {reply['error'].get('desc')}")
         return reply.get("return")

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any, ClassVar
 
 from standby.core.errors import NotFound, StandbyError
@@ -103,9 +104,13 @@ class AzureSource(AzurePlugin, Source):
         tagged = (disk.tags or {}).get(compute.TAG_DISK)
         return str(tagged) if tagged else ("os" if boot else f"lun{lun}")
 
+    @cached_property
+    def _sizes(self) -> dict[str, compute.VMSize]:
+        """The region's VM sizes by lower-case name (listed once per plugin instance)."""
+        return {s.name.lower(): s for s in compute.list_sizes(self.clients)}
+
     def _spec(self, vm: Any) -> VMSpec:
-        sizes = {s.name.lower(): s for s in compute.list_sizes(self.clients)}
-        size = sizes.get(str(vm.hardware_profile.vm_size).lower())
+        size = self._sizes.get(str(vm.hardware_profile.vm_size).lower())
         disks, firmware = [], Firmware.BIOS
         for disk, boot, lun in self._disk_refs(vm):
             nbytes = int(disk.disk_size_bytes or int(disk.disk_size_gb or 0) * GiB)
