@@ -23,15 +23,9 @@ import pytest
 from standby.core.errors import Busy, ConfigError, NotFound
 from standby.core.locks import FileLock
 from standby.core.plans import load_plan
-from standby.core.runner import (
-    Runner,
-    RunOutcome,
-    StepFailed,
-    ack,
-    aware,
-    lock_path,
-    parse_time,
-)
+from standby.core.plans.common import aware, lock_path, parse_time
+from standby.core.plans.records import RunOutcome, ack
+from standby.core.plans.runner import Runner, StepFailed
 from standby.core.state import PlanRun, RunStep, State
 
 HERE = Path(__file__).parent
@@ -639,7 +633,7 @@ import sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
 from test_runner import FileActions
-from standby.core.runner import Runner
+from standby.core.plans.runner import Runner
 from standby.core.state import State
 home = Path(sys.argv[1])
 Runner(State.at(home), home, FileActions(home / "fake"), poll=0.05).run(int(sys.argv[2]))

@@ -46,11 +46,11 @@ def test_guest_files_survive_a_test_failover(labenv: Lab) -> None:
         assert inc.kind == "incremental" and 0 < inc.bytes_read < 8 * MiB
         guest.run("rm /mnt/b.txt && sync")  # after the point: must not matter
     expected = {**first, **second}
-    fo = env.engine.failover("guest1", test=True)
+    fo = env.lifecycle.failover("guest1", test=True)
     assert env.src.lookupByName("guest1").isActive()
     with GuestConsole(Path(fo.ref["console"])) as replica:
         replica.run("mount -o ro /dev/vda /mnt")
         got = checksums(replica, ["a.bin", "b.txt", "d/c.bin", "e.bin"])
     assert got == expected
-    env.engine.cleanup("guest1")
+    env.lifecycle.cleanup("guest1")
     assert "guest1-test" not in {d.name() for d in env.dr.listAllDomains()}

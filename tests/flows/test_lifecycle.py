@@ -38,6 +38,7 @@ def domain_disk(conn: object, name: str, dev: str) -> Path:
 
 def test_planned_failover_commit_reprotect_failback(env: Lab) -> None:
     e = env.engine
+    life = env.lifecycle
     env.create_vm("lc1", [("vda", 32 * MiB, "qcow2"), ("vdb", 16 * MiB, "qcow2")])
     env.write("lc1", "vda", 0, 2 * MiB, 0x11)
     env.write("lc1", "vdb", MiB, MiB, 0x22)
@@ -45,12 +46,12 @@ def test_planned_failover_commit_reprotect_failback(env: Lab) -> None:
     e.replicate("lc1")
 
     # a drill first: the source is untouched, and cleanup leaves nothing
-    e.failover("lc1", kind="test")
-    e.cleanup("lc1")
+    life.failover("lc1", kind="test")
+    life.cleanup("lc1")
 
     # written just before the planned failover: must be in the failed-over disks
     env.write("lc1", "vda", 5 * MiB, 65536, 0x77)
-    fo = e.failover("lc1", kind="planned")
+    fo = life.failover("lc1", kind="planned")
     assert fo.kind == "planned" and fo.data_loss_seconds == 0
     assert env.src.lookupByName("lc1").isActive() == 0, "the source VM was shut down"
     assert env.dr.lookupByName("lc1").isActive() == 1
@@ -59,18 +60,18 @@ def test_planned_failover_commit_reprotect_failback(env: Lab) -> None:
     assert lab.has_pattern(dr_vda, 0, 2 * MiB, 0x11)
 
     with pytest.raises(ConfigError, match="already failed over"):
-        e.failover("lc1", kind="unplanned")
+        life.failover("lc1", kind="unplanned")
     with pytest.raises(ConfigError, match="replication is stopped"):
         e.replicate("lc1")
     with pytest.raises(ConfigError, match="commit the failover"):
-        e.reprotect("lc1")
+        life.reprotect("lc1")
     with pytest.raises(ConfigError, match="not re-protected"):
-        e.failback("lc1")
+        life.failback("lc1")
 
-    e.commit("lc1")
-    e.reprotect("lc1")
+    life.commit("lc1")
+    life.reprotect("lc1")
     with pytest.raises(ConfigError, match="not caught up"):
-        e.failback("lc1")
+        life.failback("lc1")
 
     # the VM works at the DR site; re-protect ships only what differs from the original disks
     lab.guest_write(env.dr, "lc1", "vda", 9 * MiB, 65536, 0x99)
@@ -79,7 +80,7 @@ def test_planned_failover_commit_reprotect_failback(env: Lab) -> None:
     assert first.kind == "hashcompare"
     assert first.bytes_written == 2 * 65536, "only the blocks written at the DR site travel back"
 
-    fb = e.failback("lc1")
+    fb = life.failback("lc1")
     assert fb.kind == "planned" and fb.vm_name == "lc1"
     assert env.dr.lookupByName("lc1").isActive() == 0
     home_dom = env.src.lookupByName("lc1")
@@ -90,8 +91,8 @@ def test_planned_failover_commit_reprotect_failback(env: Lab) -> None:
     assert lab.has_pattern(domain_disk(env.src, "lc1", "vdb"), 0, 65536, 0x98)
 
     # and protected in the original direction again
-    e.commit("lc1")
-    e.reprotect("lc1")
+    life.commit("lc1")
+    life.reprotect("lc1")
     env.write("lc1", "vda", 12 * MiB, 65536, 0x55)
     again = e.replicate("lc1")
     assert again.bytes_written == 65536
@@ -102,6 +103,7 @@ def test_planned_failover_commit_reprotect_failback(env: Lab) -> None:
 
 def test_unplanned_failover_reports_the_loss_window(env: Lab) -> None:
     e = env.engine
+    life = env.lifecycle
     env.create_vm("lc2", [("vda", 16 * MiB, "qcow2")])
     env.write("lc2", "vda", 0, MiB, 0x31)
     e.protect("lc2", "src", "dr", POLICY)
@@ -112,7 +114,7 @@ def test_unplanned_failover_reports_the_loss_window(env: Lab) -> None:
         taken = next(p.created_at for p in prot.points if p.id == point.point_id)
     taken = taken if taken.tzinfo else taken.replace(tzinfo=UTC)
     before = datetime.now(UTC)
-    fo = e.failover("lc2", kind="unplanned")
+    fo = life.failover("lc2", kind="unplanned")
     after = datetime.now(UTC)
     assert fo.data_loss_seconds is not None
     assert (before - taken).total_seconds() - 1 <= fo.data_loss_seconds
@@ -124,11 +126,11 @@ def test_unplanned_failover_reports_the_loss_window(env: Lab) -> None:
 
     # re-protect after an unplanned failover: the original must be off; then only real
     # differences travel (the blocks are compared against the original disks)
-    e.commit("lc2")
+    life.commit("lc2")
     with pytest.raises(ConfigError, match="running"):
-        e.reprotect("lc2")
+        life.reprotect("lc2")
     env.src.lookupByName("lc2").destroy()
-    e.reprotect("lc2")
+    life.reprotect("lc2")
     first = e.replicate("lc2")
     # the original holds one block the failed-over VM never had (0x32): it is zeroed back
     assert first.bytes_written + first.bytes_zeroed == 65536

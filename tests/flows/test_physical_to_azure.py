@@ -306,6 +306,7 @@ def test_planned_round_trip_through_azure(lab: Lab, azenv: AzureEnv) -> None:
     env.release()
     azenv.make_dr_network()
     e = env.engine
+    life = env.lifecycle
     sizes = {"vda": 32 * MiB, "vdb": 16 * MiB}
     env.create_vm("rt1", [("vda", sizes["vda"], "qcow2"), ("vdb", sizes["vdb"], "qcow2")])
     env.write("rt1", "vda", 0, 2 * MiB, 0x11)
@@ -314,15 +315,15 @@ def test_planned_round_trip_through_azure(lab: Lab, azenv: AzureEnv) -> None:
     e.replicate("rt1")
 
     env.write("rt1", "vda", 5 * MiB, 65536, 0x77)  # just before the planned failover
-    fo = e.failover("rt1", kind="planned")
+    fo = life.failover("rt1", kind="planned")
     assert fo.kind == "planned" and fo.data_loss_seconds == 0
     assert env.src.lookupByName("rt1").isActive() == 0, "the source VM was shut down"
     assert "rt1" in arm.resources("vms")
     at_azure = arm.disk_data(_managed_disk(arm, "rt1", "vda"))
     assert at_azure.download_blob(offset=5 * MiB, length=65536).readall() == b"\x77" * 65536
 
-    e.commit("rt1")
-    e.reprotect("rt1")
+    life.commit("rt1")
+    life.reprotect("rt1")
     with e.state.session() as s:
         prot = e.state.protection(s, "rt1")
         assert (prot.source_site, prot.target_site) == ("azure", "src")
@@ -337,7 +338,7 @@ def test_planned_round_trip_through_azure(lab: Lab, azenv: AzureEnv) -> None:
     assert first.bytes_written == 2 * 65536, "only the blocks written in Azure travel back"
     assert not arm.resources("snapshots"), "the cycle's disk snapshots are gone"
 
-    fb = e.failback("rt1")
+    fb = life.failback("rt1")
     assert fb.kind == "planned" and fb.data_loss_seconds == 0
     power = arm._vm_state[arm.resources("vms")["rt1"]["id"].lower()]["power"]
     assert power in ("deallocated", "deallocating", "stopped"), power
@@ -347,8 +348,8 @@ def test_planned_round_trip_through_azure(lab: Lab, azenv: AzureEnv) -> None:
     assert lab_mod.has_pattern(home_vda, 5 * MiB, 65536, 0x77)
     assert lab_mod.has_pattern(_domain_disk(env.src, "rt1", "vdb"), 0, 65536, 0x98)
 
-    e.commit("rt1")
-    e.reprotect("rt1")  # towards Azure again: the failed-over VM goes, the replica blobs seed
+    life.commit("rt1")
+    life.reprotect("rt1")  # towards Azure again: the failed-over VM goes, the replica blobs seed
     assert "rt1" not in arm.resources("vms")
     assert not [n for n in arm.resources("disks") if n.startswith("rt1-")]
     again = e.replicate("rt1")
@@ -395,7 +396,7 @@ def test_unplanned_failover_to_azure_commit_and_reprotect(lab: Lab, azenv: Azure
     arm = azenv.arm
     azenv.make_dr_network()
     env.engine.replicate("az1")
-    fo = env.engine.failover("az1", kind="unplanned")
+    fo = env.lifecycle.failover("az1", kind="unplanned")
     assert fo.vm_name == "az1" and fo.data_loss_seconds is not None
     nic = next(iter(arm.resources("nics").values()))
     subnet = nic["properties"]["ipConfigurations"][0]["properties"]["subnet"]["id"]
@@ -404,7 +405,7 @@ def test_unplanned_failover_to_azure_commit_and_reprotect(lab: Lab, azenv: Azure
         prot = env.engine.state.protection(s, "az1")
         kept = [p.ref["snapshots"] for p in prot.points if p.state == "visible"]
     assert len(kept) == 2
-    env.engine.commit("az1")
+    env.lifecycle.commit("az1")
     container = azure_target(env).clients.container
     snaps = {
         b.snapshot

@@ -117,7 +117,7 @@ def test_test_failover_is_isolated_and_cleanup_removes_everything(labenv: Lab) -
     env.engine.protect("fo1", "src", "dr", Policy())
     env.engine.replicate("fo1")
     env.write("fo1", "vda", 4 * MiB, 65536, 0x72)  # after the point: must not show
-    fo = env.engine.failover("fo1", test=True)
+    fo = env.lifecycle.failover("fo1", test=True)
     assert fo.state == "running"
     dom = env.dr.lookupByName(fo.vm_name)
     assert dom.isActive()
@@ -128,7 +128,7 @@ def test_test_failover_is_isolated_and_cleanup_removes_everything(labenv: Lab) -
     assert lab.has_pattern(disk, 0, 1 * MiB, 0x71)
     assert lab.has_pattern(disk, 4 * MiB, 65536, 0x00)
     before = set(d.name() for d in env.dr.listAllDomains())
-    env.engine.cleanup("fo1")
+    env.lifecycle.cleanup("fo1")
     after = set(d.name() for d in env.dr.listAllDomains())
     assert fo.vm_name in before and fo.vm_name not in after
     assert not Path(fo.ref["dir"]).exists()
@@ -145,15 +145,15 @@ def test_failover_to_a_chosen_older_point(labenv: Lab) -> None:
     env.write("fo2", "vda", 0, MiB, 0x82)
     env.engine.replicate("fo2")
     with pytest.raises(NotFound, match="recovery point 999999"):
-        env.engine.failover("fo2", test=True, point_id=999999)
-    fo = env.engine.failover("fo2", test=True, point_id=older)
+        env.lifecycle.failover("fo2", test=True, point_id=999999)
+    fo = env.lifecycle.failover("fo2", test=True, point_id=older)
     assert fo.point_id == older
     assert lab.has_pattern(Path(fo.ref["dir"]) / "vda.qcow2", 0, MiB, 0x81)
     with pytest.raises(ConfigError, match="has a test failover running"):
-        env.engine.failover("fo2", test=True)
-    env.engine.cleanup("fo2")
+        env.lifecycle.failover("fo2", test=True)
+    env.lifecycle.cleanup("fo2")
     with pytest.raises(NotFound, match="no test failover"):
-        env.engine.cleanup("fo2")
+        env.lifecycle.cleanup("fo2")
 
 
 def test_unprotect_removes_replicas_checkpoints_and_state(labenv: Lab) -> None:
@@ -166,10 +166,10 @@ def test_unprotect_removes_replicas_checkpoints_and_state(labenv: Lab) -> None:
     files = point_files(env, "un1")
     dom = env.src.lookupByName("un1")
     assert [c.getName() for c in dom.listAllCheckpoints()]
-    fo = env.engine.failover("un1", test=True)
+    fo = env.lifecycle.failover("un1", test=True)
     with pytest.raises(ConfigError, match="failover cleanup"):
         env.engine.unprotect("un1")
-    env.engine.cleanup("un1")
+    env.lifecycle.cleanup("un1")
     assert fo.vm_name not in {d.name() for d in env.dr.listAllDomains()}
     assert env.engine.unprotect("un1") == 2
     assert not any(p.exists() for p in files.values())

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from standby.core.engine import Engine
+from standby.core.lifecycle import Lifecycle
 from standby.core.state import State
 from standby.plugins.physical import lab
 
@@ -36,6 +37,11 @@ class Lab:
             self._state = State.at(self.home)
             self._engine = Engine(self._state, self.home, workers=4)
         return self._engine
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        """Failover, cleanup, commit, re-protect and failback on the lab's engine."""
+        return Lifecycle(self.engine)
 
     @property
     def src(self) -> Any:

@@ -51,6 +51,12 @@ class Busy(StandbyError):
     exit_code = 8
 
 
+class Interrupted(StandbyError):
+    """Work was stopped on request (Ctrl-C, the end of `--watch`); the next run resumes it."""
+
+    exit_code = 130
+
+
 EXIT_CODES: dict[str, int] = {
     cls.__name__: cls.exit_code
     for cls in (
@@ -62,5 +68,6 @@ EXIT_CODES: dict[str, int] = {
         PluginError,
         TransientError,
         Busy,
+        Interrupted,
     )
 }

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 from standby.core.config import Site
 from standby.core.errors import CapabilityNotSupported, NotFound
+from standby.core.extents import Intervals
 from standby.core.model import (
     Consistency,
     CostEstimate,
@@ -53,9 +54,11 @@ class TargetCapabilities:
     alignment: int = 512
     max_write: int = 4 << 20
     max_parallel_writes: int = 4
-    checked_writes: bool = False
-    """The service checks every write against a checksum sent with it (Azure's transactional
-    Content-MD5), so policy `verify = "auto"` reads back a sample instead of everything."""
+    write_proof: str = ""
+    """How the target proves each write without reading it back, in words for the point's
+    notes ("checked by the service (Content-MD5)"); empty when it cannot. With it, policy
+    `verify = "auto"` reads back only what `ReplicaWriter.unproven` names plus a sample,
+    instead of everything the cycle wrote."""
 
 
 @dataclass
@@ -188,6 +191,15 @@ class ReplicaWriter(ABC):
     @abstractmethod
     def flush(self) -> None:
         """Make every write so far durable; progress is checkpointed only after this."""
+
+    def unproven(self, disk: str, written: Intervals, planned: Intervals) -> Intervals:
+        """The ranges the engine must read back to verify this cycle of `disk`.
+
+        Called after the last flush, only on targets with `write_proof`. `written` are the
+        ranges this session wrote, `planned` every range the cycle may have touched. Return
+        the parts of `written` the target cannot prove it holds as sent, and any range it
+        holds outside `planned` (a misplaced write). The default proves nothing."""
+        return written
 
     @abstractmethod
     def commit_point(self, point_id: int, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -57,3 +57,13 @@ class FileLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+def vm_lock_path(home: Path, vm_name: str) -> Path:
+    """The lock file that serialises replication and failover of one VM."""
+    return home / "locks" / f"vm-{vm_name}.lock"
+
+
+def vm_lock(home: Path, vm_name: str, what: str, wait: bool = False) -> FileLock:
+    """The VM's exclusive lock, for `what` (replication, failover...) of that VM."""
+    return FileLock(vm_lock_path(home, vm_name), f"{what} of VM '{vm_name}'", wait)

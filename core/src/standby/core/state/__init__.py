@@ -17,8 +17,19 @@ from standby.core.state.db import (
     SiteRecord,
     State,
 )
+from standby.core.state.views import (
+    ACTIVE,
+    UNCLEANED,
+    aware,
+    failovers,
+    latest_point,
+    point_info,
+    protection_info,
+)
 
 __all__ = [
+    "ACTIVE",
+    "UNCLEANED",
     "Base",
     "ChangeToken",
     "Cycle",
@@ -32,4 +43,9 @@ __all__ = [
     "RunStep",
     "SiteRecord",
     "State",
+    "aware",
+    "failovers",
+    "latest_point",
+    "point_info",
+    "protection_info",
 ]

@@ -34,7 +34,7 @@ class AzureTarget(AzurePlugin, Target):
         alignment=storage.PAGE,
         max_write=storage.MAX_PUT_PAGE,
         max_parallel_writes=8,
-        checked_writes=True,
+        write_proof="checked by the service (Content-MD5)",
     )
 
     def check(self) -> list[str]:

@@ -1,48 +1,36 @@
 """`standby plan ...` and `standby drill`: recovery plans on the command line.
 
-Registered on the main app by `register(app)`. Commands that only read or acknowledge
-(`plan check` aside) open the state database directly: they need no plugin and no engine.
+Commands that only read or acknowledge open the state database alone: they need no plugin
+and no engine. Running a plan composes the engine, the lifecycle (the plan's actions) and
+the plan runner.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.text import Text
 
 from standby.core.errors import ConfigError
 from standby.core.plans import RUN_KINDS, describe, load_plan
 from standby.core.plans import check as check_plan
-from standby.core.runner import (
-    Actions,
-    Runner,
-    RunOutcome,
-    StepFailed,
-    ack,
-    list_runs,
-    run_view,
-    seconds_text,
-)
-from standby.core.state import State
+from standby.core.plans.common import seconds_text
+
+from .common import JsonOpt, emit, home, plain, say
 
 if TYPE_CHECKING:
-    from standby.core.engine import Engine
+    from standby.core.plans.records import RunOutcome
+    from standby.core.plans.runner import Runner
+    from standby.core.state import State
 
 plan_app = typer.Typer(
     help="Recovery plans: ordered groups of VMs with scripts, checks and manual steps.",
     no_args_is_help=True,
 )
 
-out = Console(soft_wrap=True, highlight=False)
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 NoWaitOpt = Annotated[
     bool,
     typer.Option("--no-wait", help="At a manual step, exit at once (ack, then `plan resume`)."),
@@ -56,51 +44,32 @@ def register(app: typer.Typer) -> None:
     app.command("drill")(drill)
 
 
-# ----------------------------------------------------------------------------- plumbing
-
-
-def _home() -> Path:
-    from standby.core import cli  # the main app owns --home
-
-    return cli.home()
-
-
-def _emit(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-
-
-def _say(line: str) -> None:
-    """Progress for people, on stderr (stdout stays clean for --json)."""
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
+def _line(text: str) -> None:
+    """One line exactly as given (no markup, no wrapping)."""
+    plain.print(text, markup=False)
 
 
 @contextmanager
 def _state() -> Iterator[State]:
     """The state database alone (no engine, no plugins)."""
-    url = os.environ.get("STANDBY_DB_URL")
-    state = State(url) if url else State.at(_home())
+    from standby.core.engine import open_state
+
+    state = open_state(home())
     try:
         yield state
     finally:
         state.dispose()
 
 
-def _actions_for(engine: Engine) -> Actions:
-    """The engine's plan actions (imported when a command needs the engine)."""
-    from standby.core.lifecycle import EngineActions
-
-    return EngineActions(engine)
-
-
 @contextmanager
 def _runner() -> Iterator[Runner]:
-    """A runner over the engine's state, with the engine's actions."""
+    """A runner over the engine's state, with the lifecycle's plan actions."""
     from standby.core.engine import opened
+    from standby.core.lifecycle import PlanActions
+    from standby.core.plans.runner import Runner
 
-    home = _home()
-    with opened(home) as engine:
-        yield Runner(engine.state, home, _actions_for(engine), notify=_say)
+    with opened(home()) as engine:
+        yield Runner(engine.state, home(), PlanActions(engine), notify=say)
 
 
 def _run_id(text: str) -> int:
@@ -115,18 +84,19 @@ def _run_id(text: str) -> int:
 @plan_app.command("check")
 def check(file: PlanFile, as_json: JsonOpt = False) -> None:
     """Check a plan: every VM protected, no VM twice, every action complete."""
-    plan = load_plan(file)
     from standby.core.engine import opened
+    from standby.core.lifecycle import PlanActions
 
-    with opened(_home()) as engine:
-        problems = check_plan(plan, _actions_for(engine).protected)
+    plan = load_plan(file)
+    with opened(home()) as engine:
+        problems = check_plan(plan, PlanActions(engine).protected)
     if as_json:
-        _emit({"plan": plan.name, "ok": not problems, "problems": problems})
+        emit({"plan": plan.name, "ok": not problems, "problems": problems})
     if problems:
         raise ConfigError(f"{file}: " + "; ".join(problems))
     if not as_json:
         vms = len(plan.vms())
-        out.print(f"{file}: OK (plan {plan.name}: {len(plan.groups)} groups, {vms} VMs)")
+        _line(f"{file}: OK (plan {plan.name}: {len(plan.groups)} groups, {vms} VMs)")
 
 
 @plan_app.command("show")
@@ -140,10 +110,12 @@ def show(
 ) -> None:
     """A plan's steps in order (a dry run: nothing is executed), or a run and its steps."""
     if target.isdigit() and not Path(target).exists():
+        from standby.core.plans.views import run_view
+
         with _state() as state:
-            view = run_view(state, _home(), int(target))
+            view = run_view(state, home(), int(target))
         if as_json:
-            _emit(view)
+            emit(view)
         else:
             _print_run(view)
         return
@@ -152,15 +124,15 @@ def show(
     plan = load_plan(Path(target))
     rows = describe(plan, kind, keep)
     if as_json:
-        _emit({"plan": plan.name, "kind": kind, "dry_run": True, "steps": rows})
+        emit({"plan": plan.name, "kind": kind, "dry_run": True, "steps": rows})
         return
-    out.print(f"plan {plan.name}: {kind} run, dry run (nothing is executed)")
+    _line(f"plan {plan.name}: {kind} run, dry run (nothing is executed)")
     if plan.description:
-        out.print(f"  {plan.description}")
+        _line(f"  {plan.description}")
     for i, r in enumerate(rows):
-        out.print(Text(f"{r['seq']:>4}. {_mark(rows, i)} {r['key']:<28} {r['does']}"))
+        _line(f"{r['seq']:>4}. {_mark(rows, i)} {r['key']:<28} {r['does']}")
     if any(r["parallel"] > 1 for r in rows):
-        out.print("  steps joined by a bracket run in parallel (one per VM)")
+        _line("  steps joined by a bracket run in parallel (one per VM)")
 
 
 def _mark(rows: list[dict[str, Any]], i: int) -> str:
@@ -175,14 +147,12 @@ def _mark(rows: list[dict[str, Any]], i: int) -> str:
 def _print_run(view: dict[str, Any]) -> None:
     state = view["state"] + (" (interrupted: `standby plan resume`)" if view["interrupted"] else "")
     took = seconds_text(view["duration_seconds"])
-    out.print(
-        Text(
-            f"run {view['id']}: plan {view['plan']} ({view['plan_path']}), {view['kind']}, "
-            f"{state}; started {view['started_at']}, took {took}"
-        )
+    _line(
+        f"run {view['id']}: plan {view['plan']} ({view['plan_path']}), {view['kind']}, "
+        f"{state}; started {view['started_at']}, took {took}"
     )
     if view["error"]:
-        out.print(Text(f"error: {view['error']}"))
+        _line(f"error: {view['error']}")
     rows = [
         [
             str(st["id"]),
@@ -202,11 +172,11 @@ def _print_run(view: dict[str, Any]) -> None:
             continue
         lines = [line for line in st["output_tail"].splitlines() if line.strip()][-5:]
         if lines:
-            out.print(Text(f"{st['key']} output (tail):"))
+            _line(f"{st['key']} output (tail):")
             for line in lines:
-                out.print(Text(f"    {line}"))
+                _line(f"    {line}")
     if view.get("report"):
-        out.print(Text(f"report: {view['report']}"))
+        _line(f"report: {view['report']}")
 
 
 def _note(st: dict[str, Any]) -> str:
@@ -230,10 +200,12 @@ def runs(
     as_json: JsonOpt = False,
 ) -> None:
     """Plan runs and their states."""
+    from standby.core.plans.views import list_runs
+
     with _state() as state:
-        rows = list_runs(state, _home(), limit)
+        rows = list_runs(state, home(), limit)
     if as_json:
-        _emit(rows)
+        emit(rows)
         return
     _columns(
         ["run", "plan", "kind", "state", "started", "took", "error"],
@@ -257,7 +229,7 @@ def _columns(headers: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers) - 1)]
     for r in [headers, *rows]:
         cells = [c.ljust(w) for c, w in zip(r, widths, strict=False)]
-        out.print(Text("  ".join([*cells, r[-1]]).rstrip()))
+        _line("  ".join([*cells, r[-1]]).rstrip())
 
 
 # ----------------------------------------------------------------------------- runs
@@ -268,33 +240,34 @@ def _report_outcome(outcome: RunOutcome, as_json: bool) -> None:
     rid = outcome.run_id
     if as_json:
         if outcome.kind == "drill" and outcome.report and outcome.waiting is None:
-            _emit({**outcome.report, "state": outcome.state, "report_path": outcome.report_path})
+            emit({**outcome.report, "state": outcome.state, "report_path": outcome.report_path})
         else:
-            _emit(outcome.__dict__)
+            emit(outcome.__dict__)
         return
     if outcome.waiting is not None:
         w = outcome.waiting
-        out.print(
-            Text(
-                f"run {rid} is waiting at step {w['key']} (step id {w['id']}): {w['message']}\n"
-                f"acknowledge with `standby plan ack {rid} {w['key']}`, "
-                f"then continue with `standby plan resume {rid}`"
-            )
+        _line(
+            f"run {rid} is waiting at step {w['key']} (step id {w['id']}): {w['message']}\n"
+            f"acknowledge with `standby plan ack {rid} {w['key']}`, "
+            f"then continue with `standby plan resume {rid}`"
         )
         return
-    out.print(Text(f"plan {outcome.plan_name}: {outcome.kind} run {rid} {outcome.state}"))
+    _line(f"plan {outcome.plan_name}: {outcome.kind} run {rid} {outcome.state}")
     if outcome.continued:
-        out.print(Text(f"  continued past failed steps: {', '.join(outcome.continued)}"))
+        _line(f"  continued past failed steps: {', '.join(outcome.continued)}")
     if outcome.report_path:
-        out.print(Text(f"report: {outcome.report_path}"))
+        _line(f"report: {outcome.report_path}")
 
 
 def _drive(run: Runner, rid: int, no_wait: bool, as_json: bool, skip: list[str]) -> None:
+    from standby.core.plans.runner import StepFailed
+    from standby.core.plans.views import run_view
+
     try:
         outcome = run.run(rid, wait=not no_wait, skip=skip)
     except StepFailed:
         if as_json:
-            _emit(run_view(run.state, run.home, rid))
+            emit(run_view(run.state, run.home, rid))
         raise
     _report_outcome(outcome, as_json)
 
@@ -303,7 +276,7 @@ def _start(file: Path, kind: str, no_wait: bool, as_json: bool, keep: bool = Fal
     plan = load_plan(file)
     with _runner() as run:
         rid = run.start(plan, file, kind, keep)
-        _say(f"plan {plan.name}: {kind} run {rid} started (`standby plan show {rid}`)")
+        say(f"plan {plan.name}: {kind} run {rid} started (`standby plan show {rid}`)")
         _drive(run, rid, no_wait, as_json, [])
 
 
@@ -374,17 +347,20 @@ def ack_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Acknowledge a manual step a run waits at (from any shell)."""
+    from standby.core.plans.records import ack
+    from standby.core.plans.views import run_view
+
     rid = _run_id(run_id)
     with _state() as state:
         done = ack(state, rid, step)
-        active = run_view(state, _home(), rid)["active"]
+        active = run_view(state, home(), rid)["active"]
     if as_json:
-        _emit({**done, "runner_active": active})
+        emit({**done, "runner_active": active})
         return
     then = (
         "the waiting runner continues" if active else f"continue with `standby plan resume {rid}`"
     )
-    out.print(Text(f"run {rid}: step {done['step']} acknowledged by {done['acked_by']}; {then}"))
+    _line(f"run {rid}: step {done['step']} acknowledged by {done['acked_by']}; {then}")
 
 
 def drill(

@@ -1,0 +1,93 @@
+"""`standby protect VM --from SITE --to SITE` and `standby unprotect VM`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from standby.core import config
+from standby.core.errors import ConfigError
+
+from .common import JsonOpt, emit, home, out
+
+
+def register(app: typer.Typer) -> None:
+    app.command("protect")(protect)
+    app.command("unprotect")(unprotect)
+
+
+def protect(
+    vm: str,
+    source: Annotated[str, typer.Option("--from", help="Source site.")],
+    target: Annotated[str, typer.Option("--to", help="Target (DR) site.")],
+    policy: Annotated[str, typer.Option(help="Policy name (policies/NAME.toml).")] = "default",
+    rpo: Annotated[str | None, typer.Option(help="RPO target, e.g. 15m.")] = None,
+    retain: Annotated[int | None, typer.Option(help="Recovery points to keep.")] = None,
+    retain_age: Annotated[str | None, typer.Option(help="Drop points older than this.")] = None,
+    app_consistent_every: Annotated[
+        str | None, typer.Option(help="Take an app-consistent point this often.")
+    ] = None,
+    bandwidth_mbps: Annotated[
+        float | None, typer.Option(help="Bandwidth limit for replication, megabits/s.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Protect a VM: validate it against the target and record the protection."""
+    from standby.core.engine import opened
+
+    base = config.load_policy(policy, home())
+    overrides: dict[str, Any] = {}
+    if rpo is not None:
+        overrides["rpo_seconds"] = config.parse_duration(rpo, "--rpo")
+    if retain is not None:
+        overrides["retain_count"] = retain
+    if retain_age is not None:
+        overrides["retain_age_seconds"] = config.parse_duration(retain_age, "--retain-age")
+    if app_consistent_every is not None:
+        overrides["app_consistent_every_seconds"] = config.parse_duration(
+            app_consistent_every, "--app-consistent-every"
+        )
+    if bandwidth_mbps is not None:
+        overrides["bandwidth_mbps"] = bandwidth_mbps
+    pol = base.model_copy(update=overrides).checked("policy")
+    with opened(home()) as engine:
+        pid = engine.protect(vm, source, target, pol)
+    if as_json:
+        emit(
+            {
+                "protection": pid,
+                "vm": vm,
+                "source": source,
+                "target": target,
+                "policy": pol.model_dump(),
+            }
+        )
+    else:
+        out.print(
+            f"protected [bold]{vm}[/] {source} -> {target} (protection {pid}); "
+            "run `standby replicate` for the initial sync"
+        )
+
+
+def unprotect(
+    vm: str,
+    keep_replicas: Annotated[
+        bool, typer.Option(help="Leave the replica files at the target (state is dropped).")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Stop protecting a VM and remove its recovery points at the target."""
+    from standby.core.engine import opened
+
+    if not yes and not keep_replicas:
+        if not sys.stdin.isatty():
+            raise ConfigError("unprotect removes every recovery point; add --yes to confirm")
+        typer.confirm(f"Remove every recovery point of {vm}?", abort=True)
+    with opened(home()) as engine:
+        n = engine.unprotect(vm, keep_replicas=keep_replicas)
+    out.print(
+        f"{vm}: no longer protected; {n} recovery point(s) "
+        f"{'kept as files' if keep_replicas else 'removed'}"
+    )

@@ -1,0 +1,96 @@
+"""What every engine operation works with: the state, the connected sites, locks, progress."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import suppress
+from pathlib import Path
+
+from standby.core import plugins
+from standby.core.config import Site, get_site
+from standby.core.errors import StandbyError
+from standby.core.interfaces import Source, Target
+from standby.core.locks import FileLock, vm_lock
+from standby.core.state import Protection, State
+
+from .progress import NullProgress, Progress
+
+
+class Sites:
+    """Connected plugins per (site, role), opened once and shared by the engine's threads."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self._plugins: dict[tuple[str, str], Source | Target] = {}
+        self._lock = threading.RLock()  # plan runs and --watch use sites from several threads
+
+    def site(self, name: str) -> Site:
+        return get_site(name, self.home)
+
+    def use(self, name: str, plugin: Source | Target) -> None:
+        """Hand over an already-connected plugin for a site (tests, embedding)."""
+        role = "source" if isinstance(plugin, Source) else "target"
+        self._plugins[(name, role)] = plugin
+
+    def _get(self, name: str, role: str) -> Source | Target:
+        key = (name, role)
+        with self._lock:
+            if key not in self._plugins:
+                site = self.site(name)
+                cls = plugins.source_class if role == "source" else plugins.target_class
+                plugin = cls(site.plugin)(site)
+                plugin.connect()
+                self._plugins[key] = plugin
+            return self._plugins[key]
+
+    def source(self, name: str) -> Source:
+        found = self._get(name, "source")
+        assert isinstance(found, Source)
+        return found
+
+    def target(self, name: str) -> Target:
+        found = self._get(name, "target")
+        assert isinstance(found, Target)
+        return found
+
+    def close(self) -> None:
+        with self._lock:
+            for plugin in self._plugins.values():
+                with suppress(StandbyError):
+                    plugin.close()
+            self._plugins.clear()
+
+
+class Context:
+    """The engine's shared parts; every operation module takes one."""
+
+    def __init__(
+        self,
+        state: State,
+        home: Path,
+        progress: Progress | None = None,
+        workers: int | None = None,
+        wait_for_lock: bool = False,
+    ) -> None:
+        self.state = state
+        self.home = home
+        self.sites = Sites(home)
+        self.progress: Progress = progress or NullProgress()
+        self.workers = workers
+        self.wait_for_lock = wait_for_lock
+
+    def site(self, name: str) -> Site:
+        return self.sites.site(name)
+
+    def source(self, site_name: str) -> Source:
+        """The connected source plugin of a site."""
+        return self.sites.source(site_name)
+
+    def target(self, site_name: str) -> Target:
+        """The connected target plugin of a site."""
+        return self.sites.target(site_name)
+
+    def lock(self, protection: Protection | str, what: str) -> FileLock:
+        """The VM's exclusive lock (a second holder gets Busy, or waits with wait_for_lock)."""
+        name = protection if isinstance(protection, str) else protection.vm_name
+        return vm_lock(self.home, name, what, self.wait_for_lock)
