@@ -100,22 +100,28 @@ def make_visible(
             cycle=c.id,
             point=point.id,
         )
-        report = CycleReport(
-            vm=pinfo.vm.name,
-            cycle_id=c.id,
-            point_id=point.id,
-            kind=c.kind,
-            consistency=c.consistency,
-            resumed=resumed or c.resumed > 0,
-            bytes_planned=c.bytes_planned,
-            bytes_read=c.bytes_read,
-            bytes_written=c.bytes_written,
-            bytes_zeroed=c.bytes_zeroed,
-            seconds=time.monotonic() - started,
-            rpo_seconds=rpo,
-            notes=list(notes),
-        )
+        report = _report(c, point.id, pinfo, notes, started, resumed)
     return report, tokens
+
+
+def _report(
+    c: Cycle, point_id: int, pinfo: ProtectionInfo, notes: list[str], started: float, resumed: bool
+) -> CycleReport:
+    return CycleReport(
+        vm=pinfo.vm.name,
+        cycle_id=c.id,
+        point_id=point_id,
+        kind=c.kind,
+        consistency=c.consistency,
+        resumed=resumed or c.resumed > 0,
+        bytes_planned=c.bytes_planned,
+        bytes_read=c.bytes_read,
+        bytes_written=c.bytes_written,
+        bytes_zeroed=c.bytes_zeroed,
+        seconds=time.monotonic() - started,
+        rpo_seconds=c.rpo_seconds,
+        notes=list(notes),
+    )
 
 
 def _add_disks(

@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from sqlalchemy import select
 
@@ -29,8 +29,20 @@ from .shell import (
 )
 from .steps import step_summary
 
-if TYPE_CHECKING:
-    from .runner import Actions
+
+class Actions(Protocol):
+    """What a plan run asks of the engine, per VM. Each call is idempotent per (vm, run_id):
+    called again for a VM and run it already handled, it returns the earlier result. Calls for
+    the VMs of one group come from several threads at once."""
+
+    def protected(self, vm: str) -> bool: ...  # is the VM protected (for check)
+    def failover(
+        self, vm: str, kind: str, run_id: int, point_id: int | None = None
+    ) -> dict[str, Any]: ...
+    def cleanup(self, vm: str, run_id: int) -> dict[str, Any]: ...
+    def commit(self, vm: str, run_id: int) -> dict[str, Any]: ...
+    def reprotect(self, vm: str, run_id: int) -> dict[str, Any]: ...
+    def failback(self, vm: str, run_id: int) -> dict[str, Any]: ...
 
 
 class StepExecutor:

@@ -152,6 +152,39 @@ def _step_rows(steps: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+VM_HEADERS = [
+    "VM",
+    "group",
+    "failover",
+    "point",
+    "point time (source)",
+    "RPO achieved",
+    "to running",
+    "to healthy",
+    "test VM",
+    "addresses",
+]
+
+
+def _vm_table(vms: list[dict[str, Any]]) -> str:
+    rows = [
+        [
+            _e(v["vm"]),
+            _e(v["group"]),
+            _state_cell(v["failover_state"]),
+            _e(v["point_id"]),
+            _e(v["point_time"]),
+            _e(seconds_text(v["rpo_seconds"])),
+            _e(seconds_text(v["time_to_running_seconds"])),
+            _e(seconds_text(v["time_to_healthy_seconds"])),
+            _e(v["target_vm"]),
+            _e(", ".join(str(a) for a in v["addresses"])),
+        ]
+        for v in vms
+    ]
+    return _table(VM_HEADERS, rows)
+
+
 def render_html(report: dict[str, Any]) -> str:
     """A self-contained page (inline CSS, no scripts); every value is escaped."""
     summary = _table(
@@ -168,36 +201,7 @@ def render_html(report: dict[str, Any]) -> str:
             ]
         ],
     )
-    vm_rows = [
-        [
-            _e(v["vm"]),
-            _e(v["group"]),
-            _state_cell(v["failover_state"]),
-            _e(v["point_id"]),
-            _e(v["point_time"]),
-            _e(seconds_text(v["rpo_seconds"])),
-            _e(seconds_text(v["time_to_running_seconds"])),
-            _e(seconds_text(v["time_to_healthy_seconds"])),
-            _e(v["target_vm"]),
-            _e(", ".join(str(a) for a in v["addresses"])),
-        ]
-        for v in report["vms"]
-    ]
-    vms = _table(
-        [
-            "VM",
-            "group",
-            "failover",
-            "point",
-            "point time (source)",
-            "RPO achieved",
-            "to running",
-            "to healthy",
-            "test VM",
-            "addresses",
-        ],
-        vm_rows,
-    )
+    vms = _vm_table(report["vms"])
     step_headers = ["step", "kind", "VM / group", "state", "started", "took", "result"]
     steps = [_table(step_headers, _step_rows(report["plan_steps"]))]
     steps += [

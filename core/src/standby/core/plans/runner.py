@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -31,26 +30,11 @@ from standby.core.state import PlanRun, RunStep, State
 
 from .check import check
 from .common import aware, iso, lock_path, now
-from .executor import StepExecutor
+from .executor import Actions, StepExecutor
 from .model import Plan
 from .records import Outcome, RunContext, RunOutcome, Step, find_step, get_run, steps_of
 from .report import build_report, write_report
 from .steps import batch_of, build_steps
-
-
-class Actions(Protocol):
-    """What a plan run asks of the engine, per VM. Each call is idempotent per (vm, run_id):
-    called again for a VM and run it already handled, it returns the earlier result. Calls for
-    the VMs of one group come from several threads at once."""
-
-    def protected(self, vm: str) -> bool: ...  # is the VM protected (for check)
-    def failover(
-        self, vm: str, kind: str, run_id: int, point_id: int | None = None
-    ) -> dict[str, Any]: ...
-    def cleanup(self, vm: str, run_id: int) -> dict[str, Any]: ...
-    def commit(self, vm: str, run_id: int) -> dict[str, Any]: ...
-    def reprotect(self, vm: str, run_id: int) -> dict[str, Any]: ...
-    def failback(self, vm: str, run_id: int) -> dict[str, Any]: ...
 
 
 class StepFailed(StandbyError):
