@@ -6,7 +6,8 @@ export PATH := $(HOME)/.local/bin:$(PATH)
 
 APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system \
 	libvirt-daemon-system-sysv qemu-system-x86 qemu-utils libvirt-clients pkg-config \
-	libvirt-dev python3-libnbd libnbd-bin python3-dev gcc make cpio rsync restic
+	libvirt-dev python3-libnbd libnbd-bin python3-dev gcc make cpio rsync restic \
+	borgbackup
 
 .PHONY: setup demo demo-azure demo-plan test lint bench clean
 

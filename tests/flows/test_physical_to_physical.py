@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import select
 
 from standby.core.config import Policy
-from standby.core.errors import CapabilityNotSupported, ConfigError, NotFound
+from standby.core.errors import CapabilityNotSupported, ConfigError, NotFound, TransientError
 from standby.core.state import RecoveryPoint
 from standby.plugins.physical import lab
 from support.labenv import Lab, MiB
@@ -181,3 +181,46 @@ def test_unprotect_removes_replicas_checkpoints_and_state(labenv: Lab) -> None:
     # It can be protected again from scratch.
     env.engine.protect("un1", "src", "dr", Policy())
     assert env.engine.replicate("un1").kind == "full"
+
+
+def test_default_verify_proves_every_write_and_samples_content(labenv: Lab) -> None:
+    """verify = auto on this target: the overlay's allocation map accounts for every write,
+    and 16 pieces are read back; a dropped or a stray write fails the cycle, no point is
+    made, and the next cycle repairs it."""
+    from standby.plugins.physical.target import PhysicalWriter
+
+    env = labenv
+    env.create_vm("prf1", [("vda", 128 * MiB, "qcow2")])
+    env.write("prf1", "vda", 0, 80 * MiB, 0x61)  # 20 pieces of 4 MiB
+    env.engine.protect("prf1", "src", "dr", Policy())
+    full = env.engine.replicate("prf1")
+    (note,) = [n for n in full.notes if n.startswith("verify:")]
+    assert "allocation map" in note
+    assert f"{16 * 4 * MiB} of {80 * MiB} written bytes read back" in note
+    assert_point_equals_source(env, "prf1", ["vda"])
+
+    real_write = PhysicalWriter.write
+    calls = {"n": 0}
+
+    def dropping(self: PhysicalWriter, disk: str, offset: int, data: object) -> None:
+        calls["n"] += 1
+        if calls["n"] != 2:  # the second write never reaches the replica
+            real_write(self, disk, offset, data)  # type: ignore[arg-type]
+
+    def straying(self: PhysicalWriter, disk: str, offset: int, data: object) -> None:
+        real_write(self, disk, offset, data)  # type: ignore[arg-type]
+        real_write(self, disk, 120 * MiB, b"\x99" * 65536)  # and a block nobody asked for
+
+    for round_, fault in enumerate((dropping, straying)):
+        for i in range(8):
+            env.write("prf1", "vda", i * 8 * MiB, 65536, 0x70 + 8 * round_ + i)
+        PhysicalWriter.write = fault  # type: ignore[method-assign]
+        try:
+            with pytest.raises(TransientError, match="verification failed"):
+                env.engine.replicate("prf1")
+        finally:
+            PhysicalWriter.write = real_write  # type: ignore[method-assign]
+        repaired = env.engine.replicate("prf1")
+        assert repaired.resumed
+        assert_point_equals_source(env, "prf1", ["vda"])
+        assert not lab.has_pattern(point_files(env, "prf1")["vda"], 120 * MiB, 65536, 0x99)

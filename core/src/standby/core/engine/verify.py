@@ -122,11 +122,13 @@ def _forget(
     jobs: list[DiskJob],
     bad: dict[str, Intervals],
 ) -> None:
-    """Blocks that read back wrong become unknown and not done; then fail the cycle."""
+    """Blocks that read back wrong become unknown, not done, and part of the plan (a stray
+    write may lie outside it), so the resumed cycle reads them again; then fail the cycle."""
     for job in jobs:
         if job.name in bad:
             ranges = normalize(bad[job.name])
             job.manifest.invalidate(ranges)
+            job.plan = union(job.plan, ranges)
             for k, unit in enumerate(job.units):
                 if subtract([unit], ranges) != [unit]:
                     job.done[k] = 0

@@ -37,8 +37,14 @@ def create_vm(
     domain_type: str = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "qemu",
     memory_mib: int = 64,
     start: bool = True,
+    cache: str | None = None,
+    qmp_socket: Path | None = None,
 ) -> str:
-    """Define (and start) a firmware-only VM with the given (dev, size, format) disks."""
+    """Define (and start) a firmware-only VM with the given (dev, size, format) disks.
+
+    `cache` sets the disks' cache mode; `qmp_socket` adds a QMP monitor of the lab's own, so
+    that another process can make guest writes while a standby process holds the libvirt
+    root (see `QmpWriter`)."""
     disk_dir.mkdir(parents=True, exist_ok=True)
     xml_disks = []
     for dev, size, fmt in disks:
@@ -47,16 +53,25 @@ def create_vm(
             subprocess.run(
                 ["qemu-img", "create", "-q", "-f", fmt, str(path), str(size)], check=True
             )
+        mode = f" cache='{cache}'" if cache else ""
         xml_disks.append(
-            f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}'/>"
+            f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}'{mode}/>"
             f"<source file='{path}'/><target dev='{dev}' bus='virtio'/></disk>"
         )
+    ns, extra = "", ""
+    if qmp_socket is not None:
+        ns = " xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'"
+        extra = (
+            "<qemu:commandline><qemu:arg value='-qmp'/>"
+            f"<qemu:arg value='unix:{qmp_socket},server=on,wait=off'/></qemu:commandline>"
+        )
     xml = (
-        f"<domain type='{domain_type}'><name>{name}</name><memory unit='MiB'>{memory_mib}</memory>"
+        f"<domain type='{domain_type}'{ns}><name>{name}</name>"
+        f"<memory unit='MiB'>{memory_mib}</memory>"
         "<vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>"
         f"<devices>{''.join(xml_disks)}"
         "<interface type='user'><mac address='52:54:00:5b:00:01'/><model type='virtio'/>"
-        "</interface><memballoon model='none'/></devices></domain>"
+        f"</interface><memballoon model='none'/></devices>{extra}</domain>"
     )
     dom = c.defineXML(xml)
     if start:
@@ -103,6 +118,58 @@ def guest_discard(c: Any, name: str, dev: str, offset: int, length: int) -> None
     out = lv.qemu_monitor(dom, cmd, 1)
     if out.strip():
         raise RuntimeError(f"qemu-io: {out.strip()}")
+
+
+class QmpWriter:
+    """Guest writes through a VM's extra QMP monitor (`create_vm(qmp_socket=...)`), from a
+    process that does not hold the libvirt root. Writes go through QEMU's block layer like a
+    guest's (qemu-io), so they land in the disks' dirty bitmaps."""
+
+    def __init__(self, socket_path: Path) -> None:
+        import json
+        import socket
+
+        self._json = json
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(str(socket_path))
+        self.file = self.sock.makefile("rb")
+        self.next_id = 0
+        json.loads(self.file.readline())  # the greeting
+        self.send("qmp_capabilities")
+        self.reply()
+
+    def send(self, command: str, **arguments: Any) -> int:
+        """Send one command without waiting; returns its id."""
+        self.next_id += 1
+        msg = {"execute": command, "id": self.next_id, "arguments": arguments}
+        self.sock.sendall(self._json.dumps(msg).encode() + b"\n")
+        return self.next_id
+
+    def reply(self) -> dict[str, Any]:
+        """The next reply (events that QEMU sends every monitor are skipped)."""
+        while True:
+            line = self.file.readline()
+            if not line:
+                raise RuntimeError("QMP monitor closed")
+            msg: dict[str, Any] = self._json.loads(line)
+            if "event" not in msg:
+                if "error" in msg:
+                    raise RuntimeError(f"QMP: {msg['error']}")
+                return msg
+
+    def qemu_io(self, device: str, command: str) -> int:
+        """Queue `qemu-io -d device "command"` (HMP); check it with `io_done`."""
+        line = f'qemu-io -d {device} "{command}"'
+        return self.send("human-monitor-command", **{"command-line": line})
+
+    def io_done(self) -> None:
+        """Wait for one queued qemu-io command; its text output means it failed."""
+        out = self.reply().get("return", "")
+        if out:
+            raise RuntimeError(f"qemu-io: {str(out).strip()}")
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def destroy_vm(c: Any, name: str) -> None:
