@@ -174,7 +174,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def bench(work: Path, args: argparse.Namespace, console: Console) -> dict[str, Any]:
     size = int(args.size_gib * GIB) // MIB * MIB
-    sb = Standby(work)
+    sb = Standby(work, VM)
     try:
         sock, device = setup(sb, work, size, console)
         sb("protect", VM, "--from", "src", "--to", "dr", "--rpo", args.rpo)

@@ -53,4 +53,6 @@ site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purel
 for f in nbd.py libnbdmod.cpython-311-x86_64-linux-gnu.so; do
   [ -e "$site/$f" ] || ln -sf "/usr/lib/python3/dist-packages/$f" "$site/$f"
 done
+# Debian ships no bytecode for nbd.py either: compile it beside the link (imported on every cycle).
+.venv/bin/python -m py_compile "$site/nbd.py"
 .venv/bin/python -c 'import libvirt, nbd' || { echo "setup: libvirt/nbd bindings unusable"; exit 1; }

@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("state",),
     ("engine",),
     ("lifecycle", "plans"),
-    ("cli", "__main__"),
+    ("cli", "entry", "__main__"),
 ]
 """Top-level parts of standby.core, low to high."""
 APART = {("lifecycle", "plans"), ("plans", "lifecycle")}

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from standby.core.cli import main
+from standby.core.entry import main
 
 main()

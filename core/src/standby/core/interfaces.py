@@ -150,8 +150,9 @@ class Source(Plugin):
         """
 
     @abstractmethod
-    def read(self, snapshot: Snapshot, disk: str, extent: Extent) -> bytes:
-        """Bytes of one extent as of the snapshot. Called from several threads at once."""
+    def read(self, snapshot: Snapshot, disk: str, extent: Extent) -> Buffer:
+        """Bytes of one extent as of the snapshot (bytes, or a bytearray/memoryview the engine
+        may keep: no copy needed). Called from several threads at once."""
 
     def token_valid(self, vm: VMSpec, token: str) -> bool:
         """Whether a change token can still serve as `since`."""
@@ -185,8 +186,8 @@ class ReplicaWriter(ABC):
         """Make an extent read as zeroes (trim where possible)."""
 
     @abstractmethod
-    def read(self, disk: str, extent: Extent) -> bytes:
-        """Read back pending bytes (used to verify before commit)."""
+    def read(self, disk: str, extent: Extent) -> Buffer:
+        """Read back pending bytes (used to verify before commit); any bytes-like object."""
 
     @abstractmethod
     def flush(self) -> None:

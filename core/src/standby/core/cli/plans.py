@@ -15,9 +15,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from standby.core.errors import ConfigError
-from standby.core.plans import RUN_KINDS, describe, load_plan
-from standby.core.plans import check as check_plan
-from standby.core.plans.common import seconds_text
 
 from .common import JsonOpt, emit, home, plain, say
 
@@ -86,6 +83,8 @@ def check(file: PlanFile, as_json: JsonOpt = False) -> None:
     """Check a plan: every VM protected, no VM twice, every action complete."""
     from standby.core.engine import opened
     from standby.core.lifecycle import PlanActions
+    from standby.core.plans import check as check_plan
+    from standby.core.plans import load_plan
 
     plan = load_plan(file)
     with opened(home()) as engine:
@@ -109,6 +108,8 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """A plan's steps in order (a dry run: nothing is executed), or a run and its steps."""
+    from standby.core.plans import RUN_KINDS, describe, load_plan
+
     if target.isdigit() and not Path(target).exists():
         from standby.core.plans.views import run_view
 
@@ -145,6 +146,8 @@ def _mark(rows: list[dict[str, Any]], i: int) -> str:
 
 
 def _print_run(view: dict[str, Any]) -> None:
+    from standby.core.plans.common import seconds_text
+
     state = view["state"] + (" (interrupted: `standby plan resume`)" if view["interrupted"] else "")
     took = seconds_text(view["duration_seconds"])
     _line(
@@ -200,6 +203,7 @@ def runs(
     as_json: JsonOpt = False,
 ) -> None:
     """Plan runs and their states."""
+    from standby.core.plans.common import seconds_text
     from standby.core.plans.views import list_runs
 
     with _state() as state:
@@ -273,6 +277,8 @@ def _drive(run: Runner, rid: int, no_wait: bool, as_json: bool, skip: list[str])
 
 
 def _start(file: Path, kind: str, no_wait: bool, as_json: bool, keep: bool = False) -> None:
+    from standby.core.plans import load_plan
+
     plan = load_plan(file)
     with _runner() as run:
         rid = run.start(plan, file, kind, keep)
@@ -294,6 +300,7 @@ def failover(
     as_json: JsonOpt = False,
 ) -> None:
     """Fail every VM of the plan over, group by group, with the plan's actions."""
+
     kinds = [k for k, on in (("test", test), ("planned", planned), ("unplanned", unplanned)) if on]
     if len(kinds) != 1:
         raise ConfigError("give exactly one of --test, --planned, --unplanned")

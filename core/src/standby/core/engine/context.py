@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from pathlib import Path
 
@@ -54,11 +55,20 @@ class Sites:
         return found
 
     def close(self) -> None:
+        """Close every plugin, all at once (closing one can take a while: a remote session,
+        an embedded libvirt root saving its state)."""
         with self._lock:
-            for plugin in self._plugins.values():
-                with suppress(StandbyError):
-                    plugin.close()
-            self._plugins.clear()
+            found, self._plugins = list(self._plugins.values()), {}
+        if len(found) == 1:
+            _close(found[0])
+        elif found:
+            with ThreadPoolExecutor(len(found), thread_name_prefix="standby-close") as pool:
+                list(pool.map(_close, found))
+
+
+def _close(plugin: Source | Target) -> None:
+    with suppress(StandbyError):
+        plugin.close()
 
 
 class Context:

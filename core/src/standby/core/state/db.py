@@ -239,10 +239,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest Alembic revision."""
-    from alembic import command
-    from alembic.config import Config
-
+    """Bring the schema to the newest Alembic revision (Alembic loads only when needed)."""
     with engine.connect() as conn:
         try:
             current = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
@@ -250,6 +247,9 @@ def migrate(engine: Engine) -> None:
             current = None
     if current == SCHEMA_HEAD:
         return
+    from alembic import command
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:

@@ -134,7 +134,9 @@ def _serve(uri: str, pipe: Connection) -> None:
             msg = pipe.recv()
         except (EOFError, OSError):
             break
-        op, target, name, args = msg
+        op, target, name, args, dead = msg
+        for handle in dead:  # proxies the parent no longer holds
+            objects.pop(handle, None)
         try:
             if op == "call":
                 result = getattr(objects[target], name)(*unwrap(list(args)))
@@ -154,6 +156,8 @@ def _serve(uri: str, pipe: Connection) -> None:
         objects[0].close()
     except libvirt.libvirtError:
         pass
+    sys.stderr.flush()
+    os._exit(0)  # the root is closed; skip the interpreter's teardown
 
 
 class Agent:
@@ -172,6 +176,8 @@ class Agent:
         self.pipe = Connection(parent.detach())
         self.lock = threading.Lock()
         self.ready = False
+        self.dead: list[int] = []
+        """Handles of proxies that were garbage-collected; dropped with the next request."""
 
     @staticmethod
     def _check(reply: tuple[str, Any]) -> Any:
@@ -199,7 +205,8 @@ class Agent:
             if not self.ready:
                 self._recv()
                 self.ready = True
-            self.pipe.send((op, target, name, args))
+            dead, self.dead = self.dead, []
+            self.pipe.send((op, target, name, args, dead))
             return self._recv()
 
     def proxy(self, value: Any) -> Any:
@@ -210,22 +217,47 @@ class Agent:
         return value
 
     def close(self) -> None:
+        """Close the pipe and wait (at most 10 s) until the child has closed the root."""
         try:
             self.pipe.close()
         finally:
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
+            if not _exited(self.proc.pid, 10.0):
                 self.proc.kill()
-                self.proc.wait()
+            self.proc.wait()
+
+
+def _exited(pid: int, timeout: float) -> bool:
+    """Wait for a child to exit without polling (a pidfd); False on timeout."""
+    import os
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except (OSError, AttributeError):  # old kernel: wait the ordinary way
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
 
 
 class Proxy:
-    """Stands for a libvirt object living in the agent; method calls are forwarded."""
+    """Stands for a libvirt object living in the agent; method calls are forwarded.
+
+    When a proxy is garbage-collected its object is dropped in the agent, so a long-running
+    process (`replicate --watch`) does not make the agent grow."""
 
     def __init__(self, agent: Agent, handle: int) -> None:
         self._agent = agent
         self._handle = handle
+
+    def __del__(self) -> None:
+        if self._handle:
+            self._agent.dead.append(self._handle)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from standby.core.errors import NotFound, PluginError, StandbyError, TransientError
-from standby.core.interfaces import Snapshot, Source, SourceCapabilities
+from standby.core.interfaces import Buffer, Snapshot, Source, SourceCapabilities
 from standby.core.model import Consistency, Extent, VMSpec
 from standby.plugins.physical import conn as lv
 from standby.plugins.physical.domxml import parse_domain
@@ -137,7 +137,7 @@ class PhysicalSource(lv.LibvirtPlugin, Source):
             if time.monotonic() > deadline:
                 what = "a stale backup job" if stale else "the backup job"
                 raise TransientError(f"{what} on {dom.name()} does not end")
-            time.sleep(0.05)
+            time.sleep(0.005)
 
     @staticmethod
     def _stop_leftover_nbd_server(dom: Any) -> bool:
@@ -294,12 +294,12 @@ class PhysicalSource(lv.LibvirtPlugin, Source):
         for start, end in extents(h, ctx, want, match):
             yield Extent(start, end - start)
 
-    def read(self, snapshot: Snapshot, disk: str, extent: Extent) -> bytes:
+    def read(self, snapshot: Snapshot, disk: str, extent: Extent) -> Buffer:
         backup: _Backup = snapshot.handle
         h = backup.pool.handle(backup.exports[disk])
         nbd = nbd_module()
         try:
-            return bytes(h.pread(extent.length, extent.offset))
+            return h.pread(extent.length, extent.offset)  # type: ignore[no-any-return]
         except nbd.Error as exc:
             raise StandbyError(f"disk '{disk}': NBD read at {extent.offset} failed: {exc}") from exc
 

@@ -104,10 +104,10 @@ class PhysicalWriter(ReplicaWriter):
         except nbd.Error as exc:
             raise TransientError(f"replica of disk '{disk}': zeroing failed: {exc}") from exc
 
-    def read(self, disk: str, extent: Extent) -> bytes:
+    def read(self, disk: str, extent: Extent) -> Buffer:
         nbd = nbd_module()
         try:
-            return bytes(self._h(disk).pread(extent.length, extent.offset))
+            return self._h(disk).pread(extent.length, extent.offset)  # type: ignore[no-any-return]
         except nbd.Error as exc:
             raise TransientError(f"replica of disk '{disk}': read-back failed: {exc}") from exc
 
