@@ -191,3 +191,15 @@ class CostEstimate:
     @property
     def hourly(self) -> float:
         return sum(line.hourly for line in self.lines)
+
+
+def size_text(n: int | None) -> str:
+    """Bytes for people: `1.5 GiB`."""
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(n)

@@ -14,10 +14,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from standby.core import config
+from standby.core.model import size_text
 
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress, TaskID
+
+__all__ = ["BarProgress", "JsonOpt", "emit", "err", "home", "out", "plain", "say", "size_text"]
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
@@ -80,18 +83,6 @@ def table(*headers: str) -> Any:
     from rich.table import Table
 
     return Table(*headers)
-
-
-def size_text(n: int | None) -> str:
-    """Bytes for people: `1.5 GiB`."""
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return str(n)
 
 
 class BarProgress:

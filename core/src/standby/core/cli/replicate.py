@@ -11,7 +11,7 @@ import typer
 
 from standby.core.errors import StandbyError
 
-from .common import BarProgress, JsonOpt, emit, home, out, size_text
+from .common import BarProgress, JsonOpt, emit, home, out
 
 if TYPE_CHECKING:
     from standby.core.engine import CycleReport, Engine
@@ -19,16 +19,6 @@ if TYPE_CHECKING:
 
 def register(app: typer.Typer) -> None:
     app.command("replicate")(replicate)
-
-
-def report_line(r: CycleReport) -> str:
-    rate = r.bytes_read / r.seconds / (1 << 20) if r.seconds else 0.0
-    resumed = ", resumed" if r.resumed else ""
-    return (
-        f"{r.vm}: point {r.point_id} ({r.kind}, {r.consistency}{resumed}) read "
-        f"{size_text(r.bytes_read)}, wrote {size_text(r.bytes_written)}, zeroed "
-        f"{size_text(r.bytes_zeroed)} in {r.seconds:.1f}s ({rate:.0f} MiB/s)"
-    )
 
 
 def replicate(
@@ -89,7 +79,7 @@ def _once(engine: Engine, vm: str | None, parallel: int, as_json: bool) -> bool:
             sys.stderr.write(f"error: {name}: {' '.join(str(exc).split())}\n")
             return {"vm": name, "error": str(exc)}
         if not as_json:
-            out.print(report_line(r))
+            out.print(r.summary())
             for note in r.notes:
                 out.print(f"  note: {note}")
         return dict(r.__dict__)
@@ -111,14 +101,21 @@ def _quiet() -> Any:
 
 
 def _watch(engine: Engine, vm: str | None, interval: float, parallel: int, as_json: bool) -> None:
+    import signal
+
     from standby.core.engine.watch import Watcher
+
+    def stop(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM (systemd's stop) ends the service like Ctrl-C
+
+    signal.signal(signal.SIGTERM, stop)
 
     def reported(r: CycleReport) -> None:
         if as_json:
             sys.stdout.write(json.dumps(r.__dict__, default=str) + "\n")
             sys.stdout.flush()
             return
-        out.print(report_line(r))
+        out.print(r.summary())
         for note in r.notes:
             out.print(f"  note: {note}")
 
@@ -133,4 +130,5 @@ def _watch(engine: Engine, vm: str | None, interval: float, parallel: int, as_js
         on_report=reported,
         on_error=failed,
         only=vm,
+        serve=True,
     ).run()

@@ -100,7 +100,7 @@ class Context:
         """The connected target plugin of a site."""
         return self.sites.target(site_name)
 
-    def lock(self, protection: Protection | str, what: str) -> FileLock:
+    def lock(self, protection: Protection | str, what: str, wait: bool | None = None) -> FileLock:
         """The VM's exclusive lock (a second holder gets Busy, or waits with wait_for_lock)."""
         name = protection if isinstance(protection, str) else protection.vm_name
-        return vm_lock(self.home, name, what, self.wait_for_lock)
+        return vm_lock(self.home, name, what, self.wait_for_lock if wait is None else wait)

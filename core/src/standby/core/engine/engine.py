@@ -64,14 +64,19 @@ class Engine(Context):
     # ----------------------------------------------------------------- cycles
 
     def replicate(
-        self, vm_key: str, progress: Progress | None = None, cancel: threading.Event | None = None
+        self,
+        vm_key: str,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+        wait: bool | None = None,
     ) -> CycleReport:
         """Run one cycle for a protection under its lock (resuming an interrupted one).
 
-        Setting `cancel` stops the copy at the next piece, after a checkpoint (Interrupted)."""
+        Setting `cancel` stops the copy at the next piece, after a checkpoint (Interrupted);
+        `wait` overrides the engine's choice between waiting for the lock and Busy."""
         with self.state.session() as s:
             prot = self.state.protection(s, vm_key)
-        with self.lock(prot, "replication"):
+        with self.lock(prot, "replication", wait):
             try:
                 return self.run_cycle(prot.id, progress, cancel)
             except Interrupted:

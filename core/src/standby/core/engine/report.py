@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from standby.core.model import size_text
+
 
 @dataclass
 class CycleReport:
@@ -22,3 +24,13 @@ class CycleReport:
     seconds: float
     rpo_seconds: float | None
     notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for people: point, kind, bytes and rate."""
+        rate = self.bytes_read / self.seconds / (1 << 20) if self.seconds else 0.0
+        resumed = ", resumed" if self.resumed else ""
+        return (
+            f"{self.vm}: point {self.point_id} ({self.kind}, {self.consistency}{resumed}) read "
+            f"{size_text(self.bytes_read)}, wrote {size_text(self.bytes_written)}, zeroed "
+            f"{size_text(self.bytes_zeroed)} in {self.seconds:.1f}s ({rate:.0f} MiB/s)"
+        )

@@ -22,6 +22,7 @@ from standby.core.config import Policy
 from standby.core.errors import Interrupted, StandbyError
 from standby.core.state import Protection, aware, latest_point
 
+from .control import ControlServer
 from .engine import Engine
 from .progress import NullProgress
 from .report import CycleReport
@@ -65,6 +66,7 @@ class Watcher:
         on_report: Callable[[CycleReport], None] = lambda _r: None,
         on_error: Callable[[str, StandbyError], None] = lambda _vm, _e: None,
         only: str | None = None,
+        serve: bool = False,
     ) -> None:
         self.engine = engine
         self.parallel = max(1, parallel)
@@ -73,11 +75,16 @@ class Watcher:
         self.on_error = on_error
         self.only = only
         self.stop = threading.Event()
+        self.server = ControlServer(engine.home, self.replicate_now) if serve else None
+        self._manual: set[str] = set()
+        self._lock = threading.Lock()
         self._running: dict[str, Future[CycleReport]] = {}
         self._failures: dict[str, tuple[int, float]] = {}  # vm -> (count, retry at)
 
     def run(self) -> None:
         """Loop until `stop` is set; cycles in flight finish (or are interrupted) on exit."""
+        if self.server is not None:
+            self.server.start()
         with ThreadPoolExecutor(self.parallel, thread_name_prefix="standby-watch") as pool:
             try:
                 while not self.stop.is_set():
@@ -86,8 +93,23 @@ class Watcher:
                     self._sleep(wake)
             finally:
                 self.stop.set()
+                if self.server is not None:
+                    self.server.stop()
                 wait(list(self._running.values()))
                 self._collect()
+
+    def replicate_now(self, vm: str, wait_for_lock: bool) -> CycleReport:
+        """A cycle asked for through the control socket, beside the scheduled ones (the VM's
+        lock keeps them apart); the scheduler leaves the VM alone meanwhile."""
+        with self._lock:
+            self._manual.add(vm)
+        try:
+            report = self.engine.replicate(vm, NullProgress(), self.stop, wait_for_lock)
+        finally:
+            with self._lock:
+                self._manual.discard(vm)
+        self.on_report(report)
+        return report
 
     def _start_due(self, pool: ThreadPoolExecutor) -> float:
         """Start due cycles while slots are free; returns when to look again."""
@@ -95,7 +117,9 @@ class Watcher:
         wake = now + self.interval
         for due in schedule(self.engine, self.only):
             at = max(due.at, self._failures.get(due.vm, (0, 0.0))[1])
-            if due.vm in self._running:
+            with self._lock:
+                manual = due.vm in self._manual
+            if due.vm in self._running or manual:
                 continue
             if at > now:
                 wake = min(wake, at)
