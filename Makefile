@@ -9,7 +9,7 @@ APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system 
 	libvirt-dev python3-libnbd libnbd-bin python3-dev gcc make cpio rsync restic \
 	borgbackup
 
-.PHONY: setup demo demo-azure demo-plan test lint bench clean
+.PHONY: setup demo demo-azure demo-plan test lint bench bench-azure bench-rpo bench-rto clean
 
 setup:
 	@bash scripts/setup.sh $(APT_PACKAGES)
@@ -33,6 +33,15 @@ test: setup lint
 
 bench: setup
 	uv run python benchmarks/bench_physical.py
+
+bench-azure: setup
+	uv run python benchmarks/bench_azure.py
+
+bench-rpo: setup
+	uv run python benchmarks/bench_rpo.py
+
+bench-rto: setup
+	uv run python benchmarks/bench_rto.py
 
 clean:
 	rm -rf .venv demo-work .pytest_cache .mypy_cache .ruff_cache

@@ -373,6 +373,8 @@ def bench(work: Path, size: int, console: Console) -> dict[str, Any]:
         console.log("incremental: the same size of change, served by the running service")
         served_changes = pick_changes(size, seed=SEED + 2)
         sb.serve()
+        sb.guest_writes([(0, 0x42)])
+        served_first = sb.replicate()  # the service's first cycle opens its connections
         served_write_seconds = sb.guest_writes(served_changes)
         change_raw(raw, served_changes)
         served = sb.replicate()
@@ -417,6 +419,7 @@ def bench(work: Path, size: int, console: Console) -> dict[str, Any]:
             "rsync_over_standby_wall": round(rs["seconds"] / inc["wall_seconds"], 2),
             "borg_over_standby_wall": round(borg_second["seconds"] / inc["wall_seconds"], 2),
             "standby_served": served,
+            "standby_served_first_cycle": served_first,
             "served_guest_write_seconds": served_write_seconds,
             "served_shipped_over_changed": round(served["bytes_written"] / changed, 3),
             "restic_over_served_wall": round(restic_second["seconds"] / served["wall_seconds"], 2),

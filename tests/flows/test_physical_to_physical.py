@@ -199,28 +199,67 @@ def test_default_verify_proves_every_write_and_samples_content(labenv: Lab) -> N
     assert f"{16 * 4 * MiB} of {80 * MiB} written bytes read back" in note
     assert_point_equals_source(env, "prf1", ["vda"])
 
-    real_write = PhysicalWriter.write
+    real_write, real_many = PhysicalWriter.write, PhysicalWriter.write_many
     calls = {"n": 0}
 
-    def dropping(self: PhysicalWriter, disk: str, offset: int, data: object) -> None:
-        calls["n"] += 1
-        if calls["n"] != 2:  # the second write never reaches the replica
-            real_write(self, disk, offset, data)  # type: ignore[arg-type]
+    def dropping(self: PhysicalWriter, disk: str, pieces: list[tuple[int, object]]) -> None:
+        kept = []
+        for offset, data in pieces:
+            calls["n"] += 1
+            if calls["n"] != 2:  # the second write never reaches the replica
+                kept.append((offset, data))
+        real_many(self, disk, kept)  # type: ignore[arg-type]
 
-    def straying(self: PhysicalWriter, disk: str, offset: int, data: object) -> None:
-        real_write(self, disk, offset, data)  # type: ignore[arg-type]
+    def straying(self: PhysicalWriter, disk: str, pieces: list[tuple[int, object]]) -> None:
+        real_many(self, disk, pieces)  # type: ignore[arg-type]
         real_write(self, disk, 120 * MiB, b"\x99" * 65536)  # and a block nobody asked for
 
     for round_, fault in enumerate((dropping, straying)):
         for i in range(8):
             env.write("prf1", "vda", i * 8 * MiB, 65536, 0x70 + 8 * round_ + i)
-        PhysicalWriter.write = fault  # type: ignore[method-assign]
+        PhysicalWriter.write_many = fault  # type: ignore[method-assign,assignment]
         try:
             with pytest.raises(TransientError, match="verification failed"):
                 env.engine.replicate("prf1")
         finally:
-            PhysicalWriter.write = real_write  # type: ignore[method-assign]
+            PhysicalWriter.write_many = real_many  # type: ignore[method-assign]
         repaired = env.engine.replicate("prf1")
         assert repaired.resumed
         assert_point_equals_source(env, "prf1", ["vda"])
         assert not lab.has_pattern(point_files(env, "prf1")["vda"], 120 * MiB, 65536, 0x99)
+
+
+def test_a_kvm_replicate_loads_only_what_it_uses(labenv: Lab) -> None:
+    """`standby replicate VM --json` of a KVM VM imports no Azure SDK, no rich, no plan or
+    lifecycle code, no keyring and no Alembic (the schema is current)."""
+    import os
+    import subprocess
+
+    from support.labenv import STANDBY
+
+    env = labenv
+    env.create_vm("imp1", [("vda", 16 * MiB, "qcow2")])
+    env.write("imp1", "vda", 0, MiB, 0x5A)
+    env.cli("protect", "imp1", "--from", "src", "--to", "dr", check=True)
+    env.release()
+    # The CLI's own path without its quick exit (os._exit would drop the last lines).
+    run = "import sys; from standby.core.entry import _run; sys.exit(_run())"
+    proc = subprocess.run(
+        [STANDBY[0], "-X", "importtime", "-c", run, "replicate", "imp1", "--json"],
+        env={**os.environ, "STANDBY_HOME": str(env.home)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = {
+        line.rsplit("|", 1)[-1].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    for unwanted in ("azure", "rich", "alembic", "keyring", "standby.providers.azure",
+                     "standby.core.plans", "standby.core.lifecycle", "mako"):  # fmt: skip
+        found = sorted(m for m in loaded if m == unwanted or m.startswith(unwanted + "."))
+        assert not found, f"{unwanted} was imported: {found[:5]}"
+    # (entry points load through importlib, which -X importtime does not list; their imports are)
+    assert "standby.plugins.physical.nbdio" in loaded

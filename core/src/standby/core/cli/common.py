@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -20,7 +22,20 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress, TaskID
 
-__all__ = ["BarProgress", "JsonOpt", "emit", "err", "home", "out", "plain", "say", "size_text"]
+    from standby.core.state import State
+
+__all__ = [
+    "BarProgress",
+    "JsonOpt",
+    "emit",
+    "err",
+    "home",
+    "home_state",
+    "out",
+    "plain",
+    "say",
+    "size_text",
+]
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
@@ -34,6 +49,18 @@ def set_home(path: Path | None) -> None:
 def home() -> Path:
     """`--home`, else $STANDBY_HOME, else ~/.config/standby."""
     return _home[0] or config.home()
+
+
+@contextmanager
+def home_state() -> Iterator[State]:
+    """The home's state database alone (no engine, no plugins), closed at the end."""
+    from standby.core.engine import open_state
+
+    state = open_state(home())
+    try:
+        yield state
+    finally:
+        state.dispose()
 
 
 def emit(data: Any) -> None:

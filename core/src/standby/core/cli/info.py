@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .common import JsonOpt, emit, home, out, size_text, table
+from .common import JsonOpt, emit, home, home_state, out, size_text, table
 
 
 def register(app: typer.Typer) -> None:
@@ -18,13 +18,10 @@ def register(app: typer.Typer) -> None:
 
 def status(as_json: JsonOpt = False) -> None:
     """RPO and health of every protection."""
-    from standby.core.engine import open_state, status_rows
+    from standby.core.engine import status_rows
 
-    state = open_state(home())
-    try:
+    with home_state() as state:
         rows = status_rows(state, home())
-    finally:
-        state.dispose()
     if as_json:
         emit(rows)
         return
@@ -52,26 +49,21 @@ def events(
     """What standby did: protections, points, prunes, failovers, failures."""
     from sqlalchemy import select
 
-    from standby.core.engine import open_state
     from standby.core.state import Event
 
-    state = open_state(home())
-    try:
-        with state.session() as s:
-            query = select(Event).order_by(Event.id.desc()).limit(limit)
-            if vm:
-                query = query.where(Event.protection_id == state.protection(s, vm).id)
-            rows = [
-                {
-                    "time": e.at.replace(tzinfo=UTC).isoformat(timespec="seconds"),
-                    "level": e.level,
-                    "kind": e.kind,
-                    "message": e.message,
-                }
-                for e in reversed(s.scalars(query).all())
-            ]
-    finally:
-        state.dispose()
+    with home_state() as state, state.session() as s:
+        query = select(Event).order_by(Event.id.desc()).limit(limit)
+        if vm:
+            query = query.where(Event.protection_id == state.protection(s, vm).id)
+        rows = [
+            {
+                "time": e.at.replace(tzinfo=UTC).isoformat(timespec="seconds"),
+                "level": e.level,
+                "kind": e.kind,
+                "message": e.message,
+            }
+            for e in reversed(s.scalars(query).all())
+        ]
     if as_json:
         emit(rows)
         return
@@ -85,29 +77,24 @@ def points(vm: str, as_json: JsonOpt = False) -> None:
     """Recovery points of a protected VM (newest last)."""
     from sqlalchemy import select
 
-    from standby.core.engine import open_state
     from standby.core.state import RecoveryPoint
 
-    state = open_state(home())
-    try:
-        with state.session() as s:
-            prot = state.protection(s, vm)
-            rows: list[dict[str, Any]] = [
-                {
-                    "id": p.id,
-                    "time": p.created_at.replace(tzinfo=UTC).isoformat(timespec="seconds"),
-                    "consistency": p.consistency,
-                    "disks": {d.disk: {"size": d.size, "manifest": d.digest} for d in p.disks},
-                    "notes": p.notes,
-                }
-                for p in s.scalars(
-                    select(RecoveryPoint)
-                    .where(RecoveryPoint.protection_id == prot.id, RecoveryPoint.state == "visible")
-                    .order_by(RecoveryPoint.id)
-                )
-            ]
-    finally:
-        state.dispose()
+    with home_state() as state, state.session() as s:
+        prot = state.protection(s, vm)
+        rows: list[dict[str, Any]] = [
+            {
+                "id": p.id,
+                "time": p.created_at.replace(tzinfo=UTC).isoformat(timespec="seconds"),
+                "consistency": p.consistency,
+                "disks": {d.disk: {"size": d.size, "manifest": d.digest} for d in p.disks},
+                "notes": p.notes,
+            }
+            for p in s.scalars(
+                select(RecoveryPoint)
+                .where(RecoveryPoint.protection_id == prot.id, RecoveryPoint.state == "visible")
+                .order_by(RecoveryPoint.id)
+            )
+        ]
     if as_json:
         emit(rows)
         return

@@ -16,12 +16,11 @@ import typer
 
 from standby.core.errors import ConfigError
 
-from .common import JsonOpt, emit, home, plain, say
+from .common import JsonOpt, emit, home, home_state, plain, say
 
 if TYPE_CHECKING:
     from standby.core.plans.records import RunOutcome
     from standby.core.plans.runner import Runner
-    from standby.core.state import State
 
 plan_app = typer.Typer(
     help="Recovery plans: ordered groups of VMs with scripts, checks and manual steps.",
@@ -44,18 +43,6 @@ def register(app: typer.Typer) -> None:
 def _line(text: str) -> None:
     """One line exactly as given (no markup, no wrapping)."""
     plain.print(text, markup=False)
-
-
-@contextmanager
-def _state() -> Iterator[State]:
-    """The state database alone (no engine, no plugins)."""
-    from standby.core.engine import open_state
-
-    state = open_state(home())
-    try:
-        yield state
-    finally:
-        state.dispose()
 
 
 @contextmanager
@@ -113,7 +100,7 @@ def show(
     if target.isdigit() and not Path(target).exists():
         from standby.core.plans.views import run_view
 
-        with _state() as state:
+        with home_state() as state:
             view = run_view(state, home(), int(target))
         if as_json:
             emit(view)
@@ -206,7 +193,7 @@ def runs(
     from standby.core.plans.common import seconds_text
     from standby.core.plans.views import list_runs
 
-    with _state() as state:
+    with home_state() as state:
         rows = list_runs(state, home(), limit)
     if as_json:
         emit(rows)
@@ -358,7 +345,7 @@ def ack_cmd(
     from standby.core.plans.views import run_view
 
     rid = _run_id(run_id)
-    with _state() as state:
+    with home_state() as state:
         done = ack(state, rid, step)
         active = run_view(state, home(), rid)["active"]
     if as_json:

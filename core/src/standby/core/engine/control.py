@@ -41,7 +41,11 @@ def socket_path(home: Path) -> Path:
 class ControlServer:
     """Accepts requests on the home's socket; each is served in its own thread."""
 
-    def __init__(self, home: Path, replicate: Callable[[str, bool], CycleReport]) -> None:
+    def __init__(
+        self,
+        home: Path,
+        replicate: Callable[[str, bool, Callable[[CycleReport], None]], CycleReport],
+    ) -> None:
         self.path = socket_path(home)
         self.replicate = replicate
         self.sock: socket.socket | None = None
@@ -82,15 +86,30 @@ class ControlServer:
 
     def _serve(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rwb") as f:
-            try:
-                reply = self._handle(json.loads(f.readline(MAX_REQUEST) or b"{}"))
-            except (ValueError, TypeError):
-                reply = {"ok": False, "error": "malformed request", "exit_code": 2}
-            with suppress(OSError):
-                f.write(json.dumps(reply, default=str).encode() + b"\n")
-                f.flush()
+            answered = threading.Event()
 
-    def _handle(self, req: dict[str, Any]) -> dict[str, Any]:
+            def answer(reply: dict[str, Any]) -> None:
+                if not answered.is_set():
+                    answered.set()
+                    with suppress(OSError):
+                        f.write(json.dumps(reply, default=str).encode() + b"\n")
+                        f.flush()
+                        conn.shutdown(socket.SHUT_WR)  # the asker reads its answer now
+
+            try:
+                req = json.loads(f.readline(MAX_REQUEST) or b"{}")
+                if not isinstance(req, dict):
+                    raise TypeError(req)
+            except (ValueError, TypeError):
+                answer({"ok": False, "error": "malformed request", "exit_code": 2})
+                return
+            answer(self._handle(req, answer))
+
+    def _handle(
+        self, req: dict[str, Any], answer: Callable[[dict[str, Any]], None]
+    ) -> dict[str, Any]:
+        """The reply to one request; a cycle's success is answered as soon as its point is
+        visible (`answer`), before the cycle's housekeeping."""
         served = {"served_by": os.getpid()}
         op = req.get("op")
         if op == "ping":
@@ -98,8 +117,12 @@ class ControlServer:
         if op != "replicate" or not isinstance(req.get("vm"), str):
             error = ConfigError(f"unknown request {op!r}")
             return {"ok": False, "error": str(error), "exit_code": error.exit_code}
+
+        def point(report: CycleReport) -> None:
+            answer({"ok": True, "report": asdict(report), "summary": report.summary(), **served})
+
         try:
-            report = self.replicate(req["vm"], bool(req.get("wait")))
+            report = self.replicate(req["vm"], bool(req.get("wait")), point)
         except StandbyError as exc:
             return {"ok": False, "error": str(exc), "exit_code": exc.exit_code, **served}
         return {"ok": True, "report": asdict(report), "summary": report.summary(), **served}

@@ -19,7 +19,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_ex
 
 from standby.core.errors import Interrupted, TransientError
 from standby.core.extents import BLOCK, UNKNOWN_DIGEST, ZERO_DIGEST, block_digest, total
-from standby.core.interfaces import ReplicaWriter, Snapshot, Source
+from standby.core.interfaces import Buffer, ReplicaWriter, Snapshot, Source
 from standby.core.model import Extent
 from standby.core.state import State
 
@@ -156,7 +156,9 @@ class Copier:
         self.lock = threading.Lock()
         self.stats = CopyStats(lock=self.lock)
         self._read = retried(source.read)
+        self._read_many = retried(source.read_many)
         self._write = retried(writer.write)
+        self._write_many = retried(writer.write_many)
         self._zero = retried(writer.write_zeroes)
 
     def run(self, vm_name: str, jobs: list[DiskJob]) -> CopyStats:
@@ -209,27 +211,71 @@ class Copier:
                 raise
 
     def _batch(self, job: DiskJob, first: int, last: int) -> int:
-        """Copy units first..last of a disk, one after the other; returns their length.
+        """Copy units first..last of a disk; returns their length. Several small units are
+        read with one `read_many` and written with one `write_many` (round trips overlap)."""
+        if last - first == 1:
+            return self._unit(job, first)
+        if self.cancel is not None and self.cancel.is_set():
+            return 0
+        units = job.units[first:last]
+        datas = self._read_many(self.snap, job.name, [Extent(s, e - s) for s, e in units])
+        pieces: list[tuple[int, Buffer]] = []
+        zeros: list[tuple[int, int]] = []
+        found: list[tuple[int, list[tuple[int, bytes]], list[tuple[bool, int, int]]]] = []
+        for index, (start, end), data in zip(range(first, last), units, datas, strict=True):
+            view = self._checked(job, start, end, data)
+            digests, runs = diff_runs(view, job, start, end)
+            for is_zero, rs, re_ in runs:
+                if is_zero:
+                    zeros.append((rs, re_))
+                else:
+                    pieces.append((rs, view[rs - start : re_ - start]))
+            found.append((index, digests, runs))
+        written = sum(len(memoryview(p[1])) for p in pieces)
+        self.throttle.consume(written)
+        if pieces:
+            self._write_many(job.name, pieces)
+        for rs, re_ in zeros:
+            self._zero(job.name, Extent(rs, re_ - rs))
+        with self.lock:
+            for index, digests, runs in found:
+                self._done(job, index, digests, runs)
+            self.stats.read += sum(e - s for s, e in units)
+            self.stats.written += written
+            self.stats.zeroed += sum(e - s for s, e in zeros)
+            self.stats.units += len(units)
+        return sum(e - s for s, e in units)
 
-        Stops early when the copy is cancelled (the units not copied stay not done)."""
-        copied = 0
-        for i in range(first, last):
-            if self.cancel is not None and self.cancel.is_set():
-                break
-            copied += self._unit(job, i)
-        return copied
+    def _checked(self, job: DiskJob, start: int, end: int, data: Buffer) -> memoryview:
+        """The unit's bytes as a view; a short read is a transient failure."""
+        view = memoryview(data)
+        if len(view) != end - start:
+            raise TransientError(
+                f"short read on disk '{job.name}' at {start}: {len(view)} of {end - start}"
+            )
+        if job.reconcile:
+            self._reconcile(job, start, end)
+        return view
+
+    def _done(
+        self,
+        job: DiskJob,
+        index: int,
+        digests: list[tuple[int, bytes]],
+        runs: list[tuple[bool, int, int]],
+    ) -> None:
+        """A unit's writes are in: its digests, done flag and written ranges (under the lock)."""
+        for idx, digest in digests:
+            job.manifest.set(idx, digest)
+        job.done[index] = 1
+        job.written.extend((rs, re_) for _z, rs, re_ in runs)
 
     def _unit(self, job: DiskJob, index: int) -> int:
         """Copy one unit; returns its length (for progress)."""
         start, end = job.units[index]
-        data = self._read(self.snap, job.name, Extent(start, end - start))
-        if len(data) != end - start:
-            raise TransientError(
-                f"short read on disk '{job.name}' at {start}: {len(data)} of {end - start}"
-            )
-        view = memoryview(data)
-        if job.reconcile:
-            self._reconcile(job, start, end)
+        view = self._checked(
+            job, start, end, self._read(self.snap, job.name, Extent(start, end - start))
+        )
         digests, runs = diff_runs(view, job, start, end)
         written = zeroed = 0
         for is_zero, rs, re_ in runs:
@@ -241,10 +287,7 @@ class Copier:
                 self._write(job.name, rs, view[rs - start : re_ - start])
                 written += re_ - rs
         with self.lock:
-            for idx, digest in digests:
-                job.manifest.set(idx, digest)
-            job.done[index] = 1
-            job.written.extend((rs, re_) for _z, rs, re_ in runs)
+            self._done(job, index, digests, runs)
             self.stats.read += end - start
             self.stats.written += written
             self.stats.zeroed += zeroed

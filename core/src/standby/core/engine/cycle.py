@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -70,11 +71,13 @@ class CycleRun:
         protection_id: int,
         progress: ProgressSink | None = None,
         cancel: threading.Event | None = None,
+        on_point: Callable[[CycleReport], None] | None = None,
     ) -> None:
         self.ctx = ctx
         self.protection_id = protection_id
         self.progress = progress or ctx.progress
         self.cancel = cancel
+        self.on_point = on_point
         self.started = time.monotonic()
 
     def run(self) -> CycleReport:
@@ -318,6 +321,8 @@ class CycleRun:
         report, tokens = commit.make_visible(
             self.ctx.state, b.cycle_id, b.pinfo, ref, notes, self.started, b.resumed
         )
+        if self.on_point is not None:  # the point exists; what follows is housekeeping
+            self.on_point(report)
         try:
             source.release_tokens(b.pinfo.vm, tokens)
         except StandbyError as exc:

@@ -69,16 +69,19 @@ class Engine(Context):
         progress: Progress | None = None,
         cancel: threading.Event | None = None,
         wait: bool | None = None,
+        on_point: Callable[[CycleReport], None] | None = None,
     ) -> CycleReport:
         """Run one cycle for a protection under its lock (resuming an interrupted one).
 
         Setting `cancel` stops the copy at the next piece, after a checkpoint (Interrupted);
-        `wait` overrides the engine's choice between waiting for the lock and Busy."""
+        `wait` overrides the engine's choice between waiting for the lock and Busy;
+        `on_point` is told the report as soon as the point is visible, before the cycle's
+        housekeeping (stale change tokens, retention)."""
         with self.state.session() as s:
             prot = self.state.protection(s, vm_key)
         with self.lock(prot, "replication", wait):
             try:
-                return self.run_cycle(prot.id, progress, cancel)
+                return self.run_cycle(prot.id, progress, cancel, on_point)
             except Interrupted:
                 raise
             except StandbyError as exc:
@@ -90,9 +93,10 @@ class Engine(Context):
         protection_id: int,
         progress: Progress | None = None,
         cancel: threading.Event | None = None,
+        on_point: Callable[[CycleReport], None] | None = None,
     ) -> CycleReport:
         """One cycle of a protection; the caller holds the VM's lock (see `lock`)."""
-        return CycleRun(self, protection_id, progress, cancel).run()
+        return CycleRun(self, protection_id, progress, cancel, on_point).run()
 
     def _cycle_failed(self, protection_id: int, vm_name: str, exc: StandbyError) -> None:
         with self.state.session() as s:

@@ -98,18 +98,24 @@ class Watcher:
                 wait(list(self._running.values()))
                 self._collect()
 
-    def replicate_now(self, vm: str, wait_for_lock: bool) -> CycleReport:
+    def replicate_now(
+        self, vm: str, wait_for_lock: bool, on_point: Callable[[CycleReport], None]
+    ) -> CycleReport:
         """A cycle asked for through the control socket, beside the scheduled ones (the VM's
-        lock keeps them apart); the scheduler leaves the VM alone meanwhile."""
+        lock keeps them apart); the scheduler leaves the VM alone meanwhile. `on_point`
+        answers the asker as soon as the point is visible."""
+
+        def made(report: CycleReport) -> None:
+            on_point(report)
+            self.on_report(report)
+
         with self._lock:
             self._manual.add(vm)
         try:
-            report = self.engine.replicate(vm, NullProgress(), self.stop, wait_for_lock)
+            return self.engine.replicate(vm, NullProgress(), self.stop, wait_for_lock, made)
         finally:
             with self._lock:
                 self._manual.discard(vm)
-        self.on_report(report)
-        return report
 
     def _start_due(self, pool: ThreadPoolExecutor) -> float:
         """Start due cycles while slots are free; returns when to look again."""

@@ -81,6 +81,32 @@ class NbdPool:
                 h.shutdown()
 
 
+def _wait_all(h: Any, cookies: list[int]) -> None:
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    for cookie in cookies:
+        h.aio_command_completed(cookie)  # raises the command's error, if any
+
+
+def pread_many(h: Any, ranges: list[tuple[int, int]]) -> list[bytearray]:
+    """Several (offset, length) reads in flight together on one connection, in order."""
+    nbd = nbd_module()
+    bufs = [bytearray(length) for _offset, length in ranges]
+    cookies = [
+        h.aio_pread(nbd.Buffer.from_buffer(buf), offset)
+        for buf, (offset, _length) in zip(bufs, ranges, strict=True)
+    ]
+    _wait_all(h, cookies)
+    return bufs
+
+
+def pwrite_many(h: Any, pieces: list[tuple[int, Any]]) -> None:
+    """Several (offset, data) writes in flight together on one connection."""
+    nbd = nbd_module()
+    cookies = [h.aio_pwrite(nbd.Buffer.from_buffer(data), offset) for offset, data in pieces]
+    _wait_all(h, cookies)
+
+
 def extents(h: Any, context: str, want: int, match: int) -> Iterator[tuple[int, int]]:
     """(start, end) ranges whose status flags under `context` satisfy flags & want == match."""
     nbd = nbd_module()

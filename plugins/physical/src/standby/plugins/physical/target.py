@@ -28,7 +28,7 @@ from standby.core.errors import (
     StandbyError,
     TransientError,
 )
-from standby.core.extents import Intervals, normalize, subtract, union
+from standby.core.extents import Intervals, subtract, union
 from standby.core.interfaces import Buffer, ReplicaWriter, Target, TargetCapabilities
 from standby.core.model import (
     Extent,
@@ -40,12 +40,12 @@ from standby.core.model import (
     VMSpec,
 )
 from standby.plugins.physical import conn as lv
+from standby.plugins.physical import qcow2
 from standby.plugins.physical.domxml import bus_for, disk_sources, swap_disks
-from standby.plugins.physical.nbdio import NbdPool, extents, nbd_module
+from standby.plugins.physical.nbdio import NbdPool, nbd_module, pwrite_many
 
 QCOW2_MAX = 64 << 40  # 64 TiB: what this target accepts per disk
 TEST_NETWORK = "standby-test"
-ALLOCATION_DEPTH = "qemu:allocation-depth"
 
 
 def _qemu_img(*args: str) -> None:
@@ -97,6 +97,13 @@ class PhysicalWriter(ReplicaWriter):
                 f"replica of disk '{disk}': write at {offset} failed: {exc}"
             ) from exc
 
+    def write_many(self, disk: str, pieces: list[tuple[int, Buffer]]) -> None:
+        nbd = nbd_module()
+        try:
+            pwrite_many(self._h(disk), pieces)
+        except nbd.Error as exc:
+            raise TransientError(f"replica of disk '{disk}': writes failed: {exc}") from exc
+
     def write_zeroes(self, disk: str, extent: Extent) -> None:
         nbd = nbd_module()
         try:
@@ -116,10 +123,9 @@ class PhysicalWriter(ReplicaWriter):
 
     def unproven(self, disk: str, written: Intervals, planned: Intervals) -> Intervals:
         """The cycle's overlay is a fresh qcow2: the clusters allocated in it are exactly what
-        the appliance wrote. Writes that are not there, and clusters outside the plan, are
-        what a read-back must check (QEMU's `qemu:allocation-depth`, depth 1 = this file)."""
-        h = self.pool.handle(disk, (ALLOCATION_DEPTH,))
-        held = normalize(extents(h, ALLOCATION_DEPTH, 0xFFFFFFFF, 1))
+        the appliance wrote (its L2 tables, read from the file after the flush). Writes that
+        are not there, and clusters outside the plan, are what a read-back must check."""
+        held = qcow2.allocated(self.files[disk])
         return union(subtract(written, held), subtract(held, planned))
 
     def commit_point(self, point_id: int, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -141,7 +147,7 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
         alignment=512,
         max_write=32 << 20,
         max_parallel_writes=4,
-        write_proof="found in the replica overlay's allocation map (QEMU allocation-depth)",
+        write_proof="found in the replica overlay's allocation map (its qcow2 L2 tables)",
     )
 
     @classmethod
@@ -312,7 +318,6 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
                 **{"node-name": node},
                 name=disk,
                 writable=True,
-                **{"allocation-depth": True},
             )
 
     def _stop_appliance(self, pinfo: ProtectionInfo, dom: Any, pool: NbdPool) -> None:
