@@ -79,16 +79,27 @@ class CycleRun:
         self.cancel = cancel
         self.on_point = on_point
         self.started = time.monotonic()
+        self._last = self.started
+        self.phases: dict[str, float] = {}
+
+    def _lap(self, phase: str) -> None:
+        """Seconds spent in `phase` (since the previous lap), for the report."""
+        now = time.monotonic()
+        self.phases[phase] = round(self.phases.get(phase, 0.0) + now - self._last, 4)
+        self._last = now
 
     def run(self) -> CycleReport:
         b = self.begin()
         source, target = self.ctx.source(b.pinfo.source_site), self.ctx.target(b.pinfo.target_site)
+        self._lap("begin")
         if b.resumed and b.phase == "commit":  # killed between seal and visibility
             return self.finish(b, source, target, None, [])
         consistency = Consistency.APP if b.want_app else Consistency.CRASH
         with source.open_snapshot(b.vm, consistency, b.since) as snap:
             self._record_snapshot(b.cycle_id, snap)
+            self._lap("snapshot")
             with target.open_writer(b.pinfo, b.cycle_id, b.base) as writer:
+                self._lap("open_writer")
                 jobs = [
                     plan_disk(
                         source,
@@ -103,6 +114,7 @@ class CycleRun:
                     for d in b.vm.disks
                 ]
                 self._record_plan(b.cycle_id, jobs)
+                self._lap("plan")
                 self._copy_and_verify(b, source, target, snap, writer, jobs)
                 return self.finish(b, source, target, writer, snap.notes)
 
@@ -282,6 +294,7 @@ class CycleRun:
             cancel=self.cancel,
         )
         stats = copier.run(b.vm.name, jobs)
+        self._lap("copy")
         note = verify(
             self.ctx.state,
             b.cycle_id,
@@ -291,6 +304,7 @@ class CycleRun:
             proof=target.capabilities.write_proof,
             workers=self.ctx.workers or 4,
         )
+        self._lap("verify")
         if note:
             snap.notes.append(note)
         with self.ctx.state.session() as s:
@@ -318,9 +332,12 @@ class CycleRun:
         else:  # a resumed commit: the target's commit_point is idempotent
             with target.open_writer(b.pinfo, b.cycle_id, b.base) as w:
                 ref = w.commit_point(b.cycle_id, meta)
+        self._lap("seal")
         report, tokens = commit.make_visible(
             self.ctx.state, b.cycle_id, b.pinfo, ref, notes, self.started, b.resumed
         )
+        self._lap("visible")
+        report.phases = dict(self.phases)
         if self.on_point is not None:  # the point exists; what follows is housekeeping
             self.on_point(report)
         try:

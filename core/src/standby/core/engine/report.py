@@ -24,6 +24,8 @@ class CycleReport:
     seconds: float
     rpo_seconds: float | None
     notes: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds per phase: begin, snapshot, open_writer, plan, copy, verify, seal, visible."""
 
     def summary(self) -> str:
         """One line for people: point, kind, bytes and rate."""
