@@ -107,8 +107,21 @@ class Watch:
             text=True,
         )
         self.reports: list[dict[str, Any]] = []
+        self.rss: list[int] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
+        threading.Thread(target=self._sample_rss, daemon=True).start()
+
+    def _sample_rss(self) -> None:
+        """The service's resident memory every 5 s (bounded memory under churn)."""
+        while self.proc.poll() is None:
+            try:
+                for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        self.rss.append(int(line.split()[1]) * 1024)
+            except OSError:
+                return
+            time.sleep(5)
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -192,14 +205,18 @@ def bench(work: Path, args: argparse.Namespace, console: Console) -> dict[str, A
         console.log("churn stopped; waiting for a cycle that starts after it")
         deadline = time.monotonic() + 300
         while not any(r["arrived"] - r["seconds"] > stopped for r in watch.reports):
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or watch.proc.poll() is not None:
                 raise RuntimeError("no cycle after the churn stopped")
             time.sleep(0.5)
         err = watch.stop()
         equal = lab.images_equal(work / "src-disks" / f"{VM}-vda.qcow2", sb.replica())
     finally:
         sb.destroy()
-    return figures(args, initial, watch.reports, churn, churn_wall, stopped, equal, err, work)
+    out = figures(args, initial, watch.reports, churn, churn_wall, stopped, equal, err, work)
+    rss = watch.rss or [0]
+    return out | {
+        "service_rss_mib": {"first": rss[0] >> 20, "max": max(rss) >> 20, "last": rss[-1] >> 20}
+    }
 
 
 def figures(
@@ -219,7 +236,8 @@ def figures(
     rpo = [r["rpo_seconds"] for r in under]
     churn_seconds = churn.ended_at - churn.started_at
     shipped = sum(r["bytes_written"] for r in under)
-    span = (under[-1]["arrived"] - (under[0]["arrived"] - under[0]["seconds"])) if under else 0
+    last_start = (under[-1]["arrived"] - under[-1]["seconds"]) if under else 0
+    span = last_start - churn_wall if under else 0  # changes made up to the last snapshot
     return {
         "machine": machine(work),
         "settings": {
@@ -263,6 +281,7 @@ def show(r: dict[str, Any], console: Console) -> None:
         ("cycle seconds p50 / max", f"{r['cycle_seconds']['p50']} / {r['cycle_seconds']['max']}"),
         ("shipped", f"{r['shipped_mb_s']} MB/s"),
         ("replica equals source at the end", str(r["replica_equals_source_after_churn"])),
+        ("service RSS first / max / last (MiB)", str(r["service_rss_mib"])),
     ]
     for k, v in rows:
         t.add_row(k, v)

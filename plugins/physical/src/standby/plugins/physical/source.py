@@ -17,14 +17,7 @@ from standby.core.interfaces import Buffer, Snapshot, Source, SourceCapabilities
 from standby.core.model import Consistency, Extent, VMSpec
 from standby.plugins.physical import conn as lv
 from standby.plugins.physical.domxml import parse_domain
-from standby.plugins.physical.nbdio import (
-    DIRTY,
-    STATE_ZERO,
-    NbdPool,
-    extents,
-    nbd_module,
-    pread_many,
-)
+from standby.plugins.physical.nbdio import DIRTY, STATE_ZERO, NbdPool, extents, nbd_module
 
 CHECKPOINT_PREFIX = "standby-"
 APPLIANCE = "standby-replica-"
@@ -309,16 +302,6 @@ class PhysicalSource(lv.LibvirtPlugin, Source):
             return h.pread(extent.length, extent.offset)  # type: ignore[no-any-return]
         except nbd.Error as exc:
             raise StandbyError(f"disk '{disk}': NBD read at {extent.offset} failed: {exc}") from exc
-
-    def read_many(self, snapshot: Snapshot, disk: str, extents: list[Extent]) -> list[Buffer]:
-        """Scattered blocks in flight together (an incremental cycle is bound by round trips)."""
-        backup: _Backup = snapshot.handle
-        h = backup.pool.handle(backup.exports[disk])
-        nbd = nbd_module()
-        try:
-            return list(pread_many(h, [(e.offset, e.length) for e in extents]))
-        except nbd.Error as exc:
-            raise StandbyError(f"disk '{disk}': NBD reads failed: {exc}") from exc
 
     # ------------------------------------------------------------ power
 

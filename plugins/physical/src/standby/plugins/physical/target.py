@@ -42,7 +42,7 @@ from standby.core.model import (
 from standby.plugins.physical import conn as lv
 from standby.plugins.physical import qcow2
 from standby.plugins.physical.domxml import bus_for, disk_sources, swap_disks
-from standby.plugins.physical.nbdio import NbdPool, nbd_module, pwrite_many
+from standby.plugins.physical.nbdio import NbdPool, nbd_module
 
 QCOW2_MAX = 64 << 40  # 64 TiB: what this target accepts per disk
 TEST_NETWORK = "standby-test"
@@ -96,13 +96,6 @@ class PhysicalWriter(ReplicaWriter):
             raise TransientError(
                 f"replica of disk '{disk}': write at {offset} failed: {exc}"
             ) from exc
-
-    def write_many(self, disk: str, pieces: list[tuple[int, Buffer]]) -> None:
-        nbd = nbd_module()
-        try:
-            pwrite_many(self._h(disk), pieces)
-        except nbd.Error as exc:
-            raise TransientError(f"replica of disk '{disk}': writes failed: {exc}") from exc
 
     def write_zeroes(self, disk: str, extent: Extent) -> None:
         nbd = nbd_module()
