@@ -7,7 +7,11 @@ export PATH := $(HOME)/.local/bin:$(PATH)
 APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system \
 	libvirt-daemon-system-sysv qemu-system-x86 qemu-utils libvirt-clients pkg-config \
 	libvirt-dev python3-libnbd libnbd-bin python3-dev gcc make cpio rsync restic \
-	borgbackup
+	borgbackup tini
+
+# QEMU daemons whose parent exits go to init, and libvirt's destroy waits until they are
+# reaped; this machine's init reaps every ~2 s (systemd at once). `tini -s` reaps them at once.
+REAP := tini -s --
 
 .PHONY: setup demo demo-azure demo-plan test lint bench bench-azure bench-rpo bench-rto clean
 
@@ -15,13 +19,13 @@ setup:
 	@bash scripts/setup.sh $(APT_PACKAGES)
 
 demo: setup
-	@bash scripts/demo.sh
+	@$(REAP) bash scripts/demo.sh
 
 demo-azure: setup
-	@bash scripts/demo-azure.sh
+	@$(REAP) bash scripts/demo-azure.sh
 
 demo-plan: setup
-	@bash scripts/demo-plan.sh
+	@$(REAP) bash scripts/demo-plan.sh
 
 lint: setup
 	uv run ruff check .
@@ -29,19 +33,19 @@ lint: setup
 	uv run mypy
 
 test: setup lint
-	uv run pytest -q
+	$(REAP) uv run pytest -q
 
 bench: setup
-	uv run python benchmarks/bench_physical.py
+	$(REAP) uv run python benchmarks/bench_physical.py
 
 bench-azure: setup
-	uv run python benchmarks/bench_azure.py
+	$(REAP) uv run python benchmarks/bench_azure.py
 
 bench-rpo: setup
-	uv run python benchmarks/bench_rpo.py
+	$(REAP) uv run python benchmarks/bench_rpo.py
 
 bench-rto: setup
-	uv run python benchmarks/bench_rto.py
+	$(REAP) uv run python benchmarks/bench_rto.py
 
 clean:
 	rm -rf .venv demo-work .pytest_cache .mypy_cache .ruff_cache

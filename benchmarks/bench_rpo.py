@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -138,7 +139,16 @@ class Watch:
 
     def stop(self) -> str:
         self.proc.send_signal(signal.SIGINT)
-        _, err = self.proc.communicate(timeout=120)
+        try:
+            _, err = self.proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            dump = subprocess.run(
+                ["py-spy", "dump", "--pid", str(self.proc.pid)], capture_output=True, text=True
+            ) if shutil.which("py-spy") else None  # fmt: skip
+            self.proc.kill()
+            self.proc.communicate()
+            where = dump.stdout if dump else "(py-spy not installed)"
+            raise RuntimeError(f"--watch did not stop within 120 s of SIGINT:\n{where}") from None
         self.reader.join(timeout=10)
         return err
 
@@ -190,7 +200,8 @@ def bench(work: Path, args: argparse.Namespace, console: Console) -> dict[str, A
     sb = Standby(work, VM)
     try:
         sock, device = setup(sb, work, size, console)
-        sb("protect", VM, "--from", "src", "--to", "dr", "--rpo", args.rpo)
+        keep = ["--retain", str(args.retain)] if args.retain else []
+        sb("protect", VM, "--from", "src", "--to", "dr", "--rpo", args.rpo, *keep)
         console.log("initial sync")
         initial = sb.replicate()
         churn = Churn(sock, device, size, args.rate_mb * 1e6, random_pool(work / "pool"))
@@ -294,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate-mb", type=float, default=20.0, help="guest writes, MB/s (10^6)")
     p.add_argument("--size-gib", type=float, default=4.0)
     p.add_argument("--rpo", default="30s")
+    p.add_argument("--retain", type=int, default=None, help="points kept (policy default)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/standby-rpo"))
     p.add_argument("--keep", action="store_true")
     args = p.parse_args(argv)

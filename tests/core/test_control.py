@@ -51,6 +51,28 @@ def test_a_one_shot_replicate_is_served_by_the_running_service(service: Any, cap
     assert capsys.readouterr().out.startswith("fast1: point 2 (")
 
 
+def test_an_ask_while_the_service_cycles_the_vm_waits_for_that_cycle(
+    service: Any, capsys: Any
+) -> None:
+    engine, w = service
+    with w._idle:
+        w._busy.add("fast1")  # as if a scheduled cycle (or an earlier ask's housekeeping) ran
+
+    def finish() -> None:
+        time.sleep(0.3)
+        with w._idle:
+            w._busy.discard("fast1")
+            w._idle.notify_all()
+
+    t = threading.Thread(target=finish)
+    t.start()
+    started = time.monotonic()
+    assert delegate(engine, "replicate", "fast1") == 0, capsys.readouterr().err
+    assert time.monotonic() - started >= 0.3
+    t.join()
+    assert capsys.readouterr().out.startswith("fast1: point 1 (")
+
+
 def test_errors_come_back_as_one_line_and_the_exit_code(service: Any, capsys: Any) -> None:
     engine, _w = service
     assert delegate(engine, "replicate", "ghost") == 3

@@ -105,11 +105,6 @@ def _watch(engine: Engine, vm: str | None, interval: float, parallel: int, as_js
 
     from standby.core.engine.watch import Watcher
 
-    def stop(_sig: int, _frame: object) -> None:
-        raise KeyboardInterrupt  # SIGTERM (systemd's stop) ends the service like Ctrl-C
-
-    signal.signal(signal.SIGTERM, stop)
-
     def reported(r: CycleReport) -> None:
         if as_json:
             sys.stdout.write(json.dumps(r.__dict__, default=str) + "\n")
@@ -123,7 +118,7 @@ def _watch(engine: Engine, vm: str | None, interval: float, parallel: int, as_js
         sys.stderr.write(f"error: {name}: {' '.join(str(exc).split())}\n")
         sys.stderr.flush()
 
-    Watcher(
+    watcher = Watcher(
         engine,
         parallel=parallel,
         interval=interval,
@@ -131,4 +126,17 @@ def _watch(engine: Engine, vm: str | None, interval: float, parallel: int, as_js
         on_error=failed,
         only=vm,
         serve=True,
-    ).run()
+    )
+
+    def stop(_sig: int, _frame: object) -> None:
+        watcher.ask_stop()  # Ctrl-C, or SIGTERM (systemd's stop): no exception mid-lock
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        watcher.run()
+    finally:  # a second Ctrl-C while the plugins close interrupts at once
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if watcher.asked:
+        raise KeyboardInterrupt  # cycles in flight have checkpointed: exit 130 as for a cycle

@@ -75,11 +75,17 @@ class Watcher:
         self.on_error = on_error
         self.only = only
         self.stop = threading.Event()
+        self.asked = False  # set by ask_stop(), from a signal handler
         self.server = ControlServer(engine.home, self.replicate_now) if serve else None
-        self._manual: set[str] = set()
-        self._lock = threading.Lock()
+        self._busy: set[str] = set()  # VMs this service is cycling (scheduled or asked)
+        self._idle = threading.Condition()
         self._running: dict[str, Future[CycleReport]] = {}
         self._failures: dict[str, tuple[int, float]] = {}  # vm -> (count, retry at)
+
+    def ask_stop(self) -> None:
+        """Stop soon (within a second); safe in a signal handler: it takes no lock, where
+        raising there (KeyboardInterrupt) could leave a future's or an event's lock held."""
+        self.asked = True
 
     def run(self) -> None:
         """Loop until `stop` is set; cycles in flight finish (or are interrupted) on exit."""
@@ -87,7 +93,7 @@ class Watcher:
             self.server.start()
         with ThreadPoolExecutor(self.parallel, thread_name_prefix="standby-watch") as pool:
             try:
-                while not self.stop.is_set():
+                while not self.stop.is_set() and not self.asked:
                     self._collect()
                     wake = self._start_due(pool)
                     self._sleep(wake)
@@ -101,21 +107,37 @@ class Watcher:
     def replicate_now(
         self, vm: str, wait_for_lock: bool, on_point: Callable[[CycleReport], None]
     ) -> CycleReport:
-        """A cycle asked for through the control socket, beside the scheduled ones (the VM's
-        lock keeps them apart); the scheduler leaves the VM alone meanwhile. `on_point`
-        answers the asker as soon as the point is visible."""
+        """A cycle asked for through the control socket. When this service is cycling the VM
+        already (a scheduled cycle, or an earlier request still in its housekeeping), the ask
+        waits for that cycle and then runs its own; only another process holding the VM's
+        lock answers Busy (unless `wait_for_lock`). The scheduler leaves the VM alone
+        meanwhile. `on_point` answers the asker as soon as the point is visible."""
 
         def made(report: CycleReport) -> None:
             on_point(report)
             self.on_report(report)
 
-        with self._lock:
-            self._manual.add(vm)
+        with self._idle:
+            while vm in self._busy:
+                if self.stop.is_set():
+                    raise Interrupted("the service is stopping")
+                self._idle.wait(0.5)
+            self._busy.add(vm)
+        return self._cycle(vm, wait_for_lock, made)
+
+    def _cycle(
+        self,
+        vm: str,
+        wait_for_lock: bool | None = None,
+        on_point: Callable[[CycleReport], None] | None = None,
+    ) -> CycleReport:
+        """One cycle of a VM already marked busy; unmarks it when the cycle is over."""
         try:
-            return self.engine.replicate(vm, NullProgress(), self.stop, wait_for_lock, made)
+            return self.engine.replicate(vm, NullProgress(), self.stop, wait_for_lock, on_point)
         finally:
-            with self._lock:
-                self._manual.discard(vm)
+            with self._idle:
+                self._busy.discard(vm)
+                self._idle.notify_all()
 
     def _start_due(self, pool: ThreadPoolExecutor) -> float:
         """Start due cycles while slots are free; returns when to look again."""
@@ -123,24 +145,22 @@ class Watcher:
         wake = now + self.interval
         for due in schedule(self.engine, self.only):
             at = max(due.at, self._failures.get(due.vm, (0, 0.0))[1])
-            with self._lock:
-                manual = due.vm in self._manual
-            if due.vm in self._running or manual:
-                continue
             if at > now:
                 wake = min(wake, at)
                 continue
             if len(self._running) >= self.parallel:
                 break
-            self._running[due.vm] = pool.submit(
-                self.engine.replicate, due.vm, NullProgress(), self.stop
-            )
+            with self._idle:
+                if due.vm in self._busy:
+                    continue
+                self._busy.add(due.vm)
+            self._running[due.vm] = pool.submit(self._cycle, due.vm)
         return wake
 
     def _sleep(self, until: float) -> None:
         """Until `until`, a cycle ends, or `stop` is set."""
         left = until - time.time()
-        if left <= 0:
+        if left <= 0 or self.asked:
             return
         if self._running:
             wait(list(self._running.values()), timeout=min(left, 1.0), return_when=FIRST_COMPLETED)
