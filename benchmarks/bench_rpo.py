@@ -118,8 +118,8 @@ class Watch:
         while self.proc.poll() is None:
             try:
                 for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        self.rss.append(int(line.split()[1]) * 1024)
+                    if line.startswith("VmRSS:") and int(line.split()[1]) > 0:
+                        self.rss.append(int(line.split()[1]) * 1024)  # (0 before the exec)
             except OSError:
                 return
             time.sleep(5)
