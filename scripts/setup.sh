@@ -32,7 +32,7 @@ fi
 # Bytecode is compiled here because PYTHONDONTWRITEBYTECODE may be set: without .pyc files
 # every CLI call would spend over a second compiling its imports.
 uv sync -q --all-packages --compile-bytecode
-.venv/bin/python -m compileall -q core/src plugins/physical/src providers/azure/src >/dev/null
+.venv/bin/python -m compileall -q core/src plugins/physical/src plugins/vmware/src providers/azure/src >/dev/null
 
 # Azurite (the Azure storage double), pinned by tests/doubles/azurite/package-lock.json.
 if ! command -v npm >/dev/null 2>&1; then
@@ -47,6 +47,9 @@ if [ ! -x tests/doubles/azurite/node_modules/.bin/azurite-blob ] || ! cmp -s "$l
   (cd tests/doubles/azurite && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
   cp "$lock" "$stamp"
 fi
+
+# The vSphere double: vcsim from Debian's govmomi sources with our own main.go.
+bash scripts/build-vcsim.sh
 
 # libnbd has no PyPI package: link Debian's binding into the virtualenv.
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

@@ -42,6 +42,9 @@ class SourceCapabilities:
     app_consistent: bool = False
     power_ops: bool = False
     max_parallel_reads: int = 4
+    tokens_released: bool = True
+    """`release_tokens` drops the older tokens (they stop being valid); False where tokens
+    are the platform's own and stay valid until it resets them (vSphere changeIds)."""
 
 
 @dataclass(frozen=True)

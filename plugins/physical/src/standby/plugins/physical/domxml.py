@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,6 +11,21 @@ from typing import Any
 from standby.core.model import DiskSpec, Firmware, NicSpec, VMSpec
 
 BUS_BY_PREFIX = {"vd": "virtio", "sd": "sata", "hd": "ide", "xvd": "xen"}
+_DEV = re.compile(r"^(vd|sd|hd|xvd)[a-z]{1,2}$")
+
+
+def guest_devs(names: list[str]) -> dict[str, str]:
+    """The libvirt target dev for each disk, in order: a libvirt-style name (vda, sdb) is kept,
+    another platform's disk key (vSphere's `disk2000`, Azure's `os`) gets the next free vdX."""
+    kept = {n for n in names if _DEV.match(n)}
+    free = (f"vd{chr(ord('a') + i)}" for i in range(26))
+    out = {}
+    for name in names:
+        if name in kept:
+            out[name] = name
+        else:
+            out[name] = next(d for d in free if d not in kept)
+    return out
 
 
 def bus_for(dev: str) -> str:

@@ -41,7 +41,7 @@ from standby.core.model import (
 )
 from standby.plugins.physical import conn as lv
 from standby.plugins.physical import qcow2
-from standby.plugins.physical.domxml import bus_for, disk_sources, swap_disks
+from standby.plugins.physical.domxml import bus_for, disk_sources, guest_devs, swap_disks
 from standby.plugins.physical.nbdio import NbdPool, nbd_module
 
 QCOW2_MAX = 64 << 40  # 64 TiB: what this target accepts per disk
@@ -531,10 +531,11 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
         network: str | None,
     ) -> str:
         vm = protection.vm
+        devs = guest_devs([d.name for d in vm.disks if d.name in overlays])
         disks_xml = "".join(
             f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
-            f"<source file='{path}'/><target dev='{disk}' bus='{bus_for(disk)}'/></disk>"
-            for disk, path in overlays.items()
+            f"<source file='{overlays[disk]}'/><target dev='{dev}' bus='{bus_for(dev)}'/></disk>"
+            for disk, dev in devs.items()
         )
         if test:
             nics = self._isolated_nics(vm, protection)

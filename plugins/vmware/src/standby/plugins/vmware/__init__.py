@@ -1,0 +1,1 @@
+"""standby-vmware: VMware vSphere as a source (pyvmomi)."""

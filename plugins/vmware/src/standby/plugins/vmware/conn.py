@@ -1,0 +1,172 @@
+"""A vSphere site: its keys, the pinned TLS, the pyvmomi session and error translation."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from standby.core.config import SecretRef, SiteOptions, resolve_secret
+from standby.core.errors import (
+    AuthError,
+    ConfigError,
+    NotFound,
+    PluginError,
+    StandbyError,
+    TransientError,
+)
+
+SNAPSHOT_PREFIX = "standby-cycle"
+"""Snapshots standby takes are named `standby-cycle-...`: a killed run's are found by name."""
+REPLICA_KEY = "standby.role"
+"""extraConfig key standby sets on VMs it creates (replicas, test VMs): not protectable."""
+
+
+class VMwareOptions(SiteOptions):
+    """Keys of a `plugin = "vmware"` site file."""
+
+    host: str
+    port: int = Field(default=443, ge=1, le=65535)
+    user: str
+    password: SecretRef
+    datacenter: str
+    cluster: str | None = None
+    folder: str | None = None
+    thumbprint: str | None = None
+    """SHA-256 of the vCenter's certificate (DER), hex with or without colons."""
+    ca_file: str | None = None
+    vddk_libdir: str | None = None
+    """Where VMware's VDDK is installed: then disks are read through nbdkit's vddk plugin."""
+    max_parallel_reads: int = Field(default=8, ge=1, le=64)
+    task_timeout: int = Field(default=1800, ge=1)
+
+    @field_validator("thumbprint")
+    @classmethod
+    def _sha256(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        hexed = value.replace(":", "").lower()
+        if len(hexed) != 64 or any(c not in "0123456789abcdef" for c in hexed):
+            raise ValueError("thumbprint must be the certificate's SHA-256 (64 hex digits)")
+        return hexed
+
+    def tls(self) -> ssl.SSLContext:
+        """The TLS context: the CA file's chain, or (thumbprint) no chain but a pinned key.
+
+        With a thumbprint the chain is not checked (a self-signed vCenter) and every
+        connection is refused unless the peer's certificate hashes to it (`check_peer`)."""
+        if self.thumbprint is None:
+            return ssl.create_default_context(cafile=self.ca_file)
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    def check_peer(self, sock: ssl.SSLSocket) -> None:
+        """Refuse a connection whose certificate is not the pinned one (names both)."""
+        if self.thumbprint is None:
+            return
+        der = sock.getpeercert(binary_form=True) or b""
+        seen = hashlib.sha256(der).hexdigest()
+        if seen != self.thumbprint:
+            raise ConfigError(
+                f"vCenter {self.host}:{self.port} certificate does not match the pinned "
+                f"thumbprint: expected {_colons(self.thumbprint)}, seen {_colons(seen)}"
+            )
+
+
+def _colons(hexed: str) -> str:
+    return ":".join(hexed[i : i + 2] for i in range(0, len(hexed), 2)).upper()
+
+
+def probe(opts: VMwareOptions) -> None:
+    """Check the pinned identity before any credential is sent."""
+    try:
+        with (
+            socket.create_connection((opts.host, opts.port), timeout=30) as raw,
+            opts.tls().wrap_socket(raw, server_hostname=opts.host) as tls_sock,
+        ):
+            opts.check_peer(tls_sock)
+    except ssl.SSLCertVerificationError as exc:
+        raise ConfigError(
+            f"vCenter {opts.host}:{opts.port}: certificate not trusted ({exc.verify_message}); "
+            "set ca_file, or pin it with thumbprint"
+        ) from None
+    except OSError as exc:
+        raise TransientError(f"vCenter {opts.host}:{opts.port}: {exc}") from exc
+
+
+def connect(opts: VMwareOptions) -> Any:
+    """A logged-in ServiceInstance."""
+    from pyVim.connect import SmartConnect
+    from pyVmomi import vim
+
+    probe(opts)
+    kwargs: dict[str, Any] = {"sslContext": opts.tls()}
+    if opts.thumbprint:
+        kwargs["thumbprint"] = opts.thumbprint
+    try:
+        return SmartConnect(
+            host=opts.host,
+            port=opts.port,
+            user=opts.user,
+            pwd=resolve_secret(opts.password),
+            **kwargs,
+        )
+    except vim.fault.InvalidLogin:
+        raise AuthError(f"vCenter {opts.host}: login failed for user '{opts.user}'") from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise TransientError(f"vCenter {opts.host}: {exc}") from exc
+
+
+def translate(exc: Exception, what: str) -> StandbyError:
+    """A pyvmomi or transport error as a one-line standby error."""
+    from pyVmomi import vim, vmodl
+
+    if isinstance(exc, StandbyError):
+        return exc
+    if isinstance(exc, vim.fault.InvalidLogin | vim.fault.NotAuthenticated):
+        return AuthError(f"{what}: not authenticated")
+    if isinstance(exc, vmodl.fault.ManagedObjectNotFound):
+        return NotFound(f"{what}: the object is gone")
+    if isinstance(exc, OSError | http.client.HTTPException):
+        return TransientError(f"{what}: {type(exc).__name__}: {exc}")
+    msg = getattr(exc, "msg", None) or str(exc) or type(exc).__name__
+    return PluginError(f"{what}: {' '.join(str(msg).split())}")
+
+
+@contextmanager
+def vim_errors(what: str) -> Iterator[None]:
+    """Translate SDK exceptions raised inside the block."""
+    try:
+        yield
+    except StandbyError:
+        raise
+    except Exception as exc:
+        raise translate(exc, what) from exc
+
+
+def wait_task(task: Any, what: str, timeout: float) -> Any:
+    """The task's result once it succeeds (polled: some servers' task objects do not parse
+    through WaitForTask); its fault, translated, when it fails."""
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while True:
+        with vim_errors(what):
+            info = task.info
+            state = str(info.state)
+        if state == "success":
+            return info.result
+        if state == "error":
+            raise translate(info.error, what) if info.error else PluginError(f"{what}: failed")
+        if time.monotonic() > deadline:
+            raise TransientError(f"{what}: no result in {timeout:g} s")
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)

@@ -1,0 +1,455 @@
+"""vSphere as a source: inventory, CBT, a snapshot per cycle, changed areas, disk bytes.
+
+A cycle takes a snapshot named `standby-cycle-<time>` (quiesced when the policy asks for an
+app-consistent point and VMware Tools run), asks `QueryChangedDiskAreas` what changed since
+the last point's changeId (`"*"` on the first cycle: the allocated areas), reads those ranges
+of the frozen base disk, and removes the snapshot. A killed run's snapshot is found by its
+name and removed by the next one. A changeId vSphere no longer honours (CBT reset, disk
+resized, snapshots consolidated by someone else) makes that disk a full read that the engine
+hash-compares against the last point, with a note saying why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from standby.core.config import Site
+from standby.core.errors import CapabilityNotSupported, NotFound, PluginError, StandbyError
+from standby.core.interfaces import Buffer, Snapshot, Source, SourceCapabilities
+from standby.core.model import Consistency, DiskSpec, Extent, Firmware, NicSpec, VMSpec
+
+from . import conn
+from .conn import REPLICA_KEY, SNAPSHOT_PREFIX, VMwareOptions, vim_errors, wait_task
+from .reader import DatastorePath, HttpFlatReader
+
+CBT_MIN_HW_VERSION = 7  # vSphere's rule: changed block tracking needs virtual hardware 7+
+
+
+@dataclass
+class _Disk:
+    key: int
+    size: int
+    frozen: DatastorePath
+    change_id: str | None
+
+
+@dataclass
+class _Handle:
+    """What one open snapshot holds."""
+
+    vm: Any
+    snap: Any
+    disks: dict[str, _Disk]
+    first: dict[str, Any] = field(default_factory=dict)  # disk -> first DiskChangeInfo page
+
+
+def disk_name(key: int) -> str:
+    """A disk's stable name: its device key (controller and unit may be changed by hand)."""
+    return f"disk{key}"
+
+
+def hw_version(vm: Any) -> int:
+    text = str(getattr(vm.config, "version", "") or "")
+    return int(text[4:]) if text.startswith("vmx-") and text[4:].isdigit() else 0
+
+
+def trackable(vm: Any, device: Any) -> bool:
+    """Whether CBT can track this disk (vSphere's rules, enforced even where a double is lax):
+    hardware version 7 or later, and not a physical-mode raw device mapping."""
+    from pyVmomi import vim
+
+    if hw_version(vm) < CBT_MIN_HW_VERSION:
+        return False
+    backing = device.backing
+    rdm = vim.vm.device.VirtualDisk.RawDiskMappingVer1BackingInfo
+    return not (isinstance(backing, rdm) and backing.compatibilityMode == "physicalMode")
+
+
+def disk_size(device: Any) -> int:
+    return int(getattr(device, "capacityInBytes", 0) or 0) or int(device.capacityInKB) * 1024
+
+
+class VMwareSource(Source):
+    """VMs of one vCenter datacenter (optionally one cluster or folder)."""
+
+    plugin_name = "vmware"
+    capabilities: ClassVar[SourceCapabilities] = SourceCapabilities(
+        change_tracking=True,
+        app_consistent=True,
+        power_ops=True,
+        max_parallel_reads=8,
+        tokens_released=False,
+    )
+
+    def __init__(self, site: Site) -> None:
+        super().__init__(site)
+        self.opts = site.options(VMwareOptions)
+        self.si: Any = None
+        self.dc: Any = None
+        self.reader: HttpFlatReader | None = None
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        try:
+            import pyVmomi  # noqa: F401
+        except ImportError:
+            return "pyvmomi is not installed"
+        return None
+
+    # ------------------------------------------------------------ connection
+
+    def connect(self) -> None:
+        if self.si is not None:
+            return
+        from pyVmomi import vim
+
+        si = conn.connect(self.opts)
+        with vim_errors(f"vCenter {self.opts.host}"):
+            content = si.RetrieveContent()
+            dcs = [e for e in content.rootFolder.childEntity if isinstance(e, vim.Datacenter)]
+        found = [d for d in dcs if d.name == self.opts.datacenter]
+        if not found:
+            names = ", ".join(sorted(d.name for d in dcs)) or "none"
+            raise NotFound(
+                f"site '{self.site.name}': datacenter '{self.opts.datacenter}' not found "
+                f"(vCenter has: {names})"
+            )
+        self.si, self.dc = si, found[0]
+        self.reader = HttpFlatReader(self.opts, self.dc.name, si._stub.cookie)
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+        if self.si is not None:
+            from pyVim.connect import Disconnect
+
+            try:
+                Disconnect(self.si)
+            except Exception:  # logging out of a gone vCenter is not an error
+                pass
+            self.si = None
+
+    def check(self) -> list[str]:
+        self.connect()
+        about = self.si.content.about
+        return [
+            f"connected to {about.fullName} at {self.opts.host}",
+            f"datacenter {self.dc.name}: {len(self.list_vms())} VMs to protect",
+        ]
+
+    # ------------------------------------------------------------ inventory
+
+    def _objects(self) -> list[Any]:
+        from pyVmomi import vim
+
+        self.connect()
+        with vim_errors(f"site '{self.site.name}': inventory"):
+            view = self.si.content.viewManager.CreateContainerView(
+                self.dc.vmFolder, [vim.VirtualMachine], True
+            )
+            try:
+                vms = list(view.view)
+            finally:
+                view.Destroy()
+            out = []
+            for vm in vms:
+                cfg = vm.config
+                if cfg is None or cfg.template:
+                    continue
+                if any(o.key == REPLICA_KEY for o in cfg.extraConfig or ()):
+                    continue
+                if self.opts.cluster and _cluster(vm) != self.opts.cluster:
+                    continue
+                if self.opts.folder and not _in_folder(vm, self.opts.folder):
+                    continue
+                out.append(vm)
+        return out
+
+    def list_vms(self) -> list[VMSpec]:
+        with vim_errors(f"site '{self.site.name}': inventory"):
+            return [self._spec(vm) for vm in self._objects()]
+
+    def _find(self, key: str) -> Any:
+        for vm in self._objects():
+            if key in (vm.config.instanceUuid, vm.name, vm._moId):
+                return vm
+        raise NotFound(f"VM '{key}' not found at site '{self.site.name}'")
+
+    def get_vm(self, key: str) -> VMSpec:
+        vm = self._find(key)
+        with vim_errors(f"VM '{key}'"):
+            return self._spec(vm)
+
+    def _spec(self, vm: Any) -> VMSpec:
+        from pyVmomi import vim
+
+        cfg = vm.config
+        disks: list[DiskSpec] = []
+        nics: list[NicSpec] = []
+        extra = {"moref": str(vm._moId), "hw_version": str(hw_version(vm))}
+        for dev in cfg.hardware.device:
+            if isinstance(dev, vim.vm.device.VirtualDisk):
+                name = disk_name(dev.key)
+                disks.append(
+                    DiskSpec(
+                        name=name,
+                        size=disk_size(dev),
+                        format="vmdk",
+                        change_tracking=trackable(vm, dev),
+                        boot=not disks,
+                    )
+                )
+                extra[f"{name}.file"] = str(getattr(dev.backing, "fileName", ""))
+            elif isinstance(dev, vim.vm.device.VirtualEthernetCard):
+                nics.append(
+                    NicSpec(
+                        name=dev.deviceInfo.label if dev.deviceInfo else str(dev.key),
+                        mac=dev.macAddress or "",
+                        network=_port_group(dev),
+                        model=type(dev).__name__.rsplit(".", 1)[-1].removeprefix("Virtual"),
+                    )
+                )
+        return VMSpec(
+            id=cfg.instanceUuid or vm._moId,
+            name=vm.name,
+            cpus=int(cfg.hardware.numCPU),
+            memory_mib=int(cfg.hardware.memoryMB),
+            firmware=Firmware.UEFI if cfg.firmware == "efi" else Firmware.BIOS,
+            disks=tuple(disks),
+            nics=tuple(nics),
+            guest_os=cfg.guestFullName or cfg.guestId or "unknown",
+            power_state={"poweredOn": "running", "poweredOff": "shutoff"}.get(
+                str(vm.runtime.powerState), str(vm.runtime.powerState)
+            ),
+            extra=extra,
+        )
+
+    # ------------------------------------------------------------ snapshots
+
+    def _our_snapshots(self, vm: Any) -> list[Any]:
+        found: list[Any] = []
+
+        def walk(nodes: Any) -> None:
+            for node in nodes or ():
+                if str(node.name).startswith(SNAPSHOT_PREFIX):
+                    found.append(node.snapshot)
+                walk(node.childSnapshotList)
+
+        walk(vm.snapshot.rootSnapshotList if vm.snapshot else ())
+        return found
+
+    def _remove_snapshot(self, vm: Any, snap: Any) -> None:
+        what = f"VM '{vm.name}': remove snapshot"
+        with vim_errors(what):
+            task = snap.RemoveSnapshot_Task(removeChildren=False, consolidate=True)
+        try:
+            wait_task(task, what, self.opts.task_timeout)
+        except StandbyError:
+            # Some servers' RemoveSnapshot task info does not parse: the snapshot tree says.
+            with vim_errors(what):
+                if any(s._moId == snap._moId for s in self._our_snapshots(vm)):
+                    raise
+
+    def _enable_cbt(self, vm: Any) -> None:
+        from pyVmomi import vim
+
+        if vm.config.changeTrackingEnabled or hw_version(vm) < CBT_MIN_HW_VERSION:
+            return
+        what = f"VM '{vm.name}': enable change tracking"
+        with vim_errors(what):
+            task = vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(changeTrackingEnabled=True))
+        wait_task(task, what, self.opts.task_timeout)
+
+    def _take(self, vm: Any, quiesce: bool) -> Any:
+        name = f"{SNAPSHOT_PREFIX}-{datetime.now(UTC):%Y%m%dT%H%M%S.%fZ}"
+        what = f"VM '{vm.name}': snapshot"
+        with vim_errors(what):
+            task = vm.CreateSnapshot_Task(
+                name=name, description="standby replication cycle", memory=False, quiesce=quiesce
+            )
+        return wait_task(task, what, self.opts.task_timeout)
+
+    @contextmanager
+    def open_snapshot(
+        self, vm: VMSpec, consistency: Consistency, since: Mapping[str, str | None]
+    ) -> Iterator[Snapshot]:
+        obj = self._find(vm.id)
+        for stale in self._our_snapshots(obj):
+            self._remove_snapshot(obj, stale)  # left by a killed run
+        self._enable_cbt(obj)
+        notes: list[str] = []
+        quiesce = consistency is Consistency.APP
+        if quiesce and str(obj.guest.toolsRunningStatus) != "guestToolsRunning":
+            quiesce = False
+            notes.append("VMware Tools are not running: crash-consistent point")
+        taken_at = datetime.now(UTC)
+        try:
+            snap = self._take(obj, quiesce)
+        except StandbyError as exc:
+            if not quiesce:
+                raise
+            quiesce = False
+            notes.append(f"quiesced snapshot failed ({exc}): crash-consistent point")
+            snap = self._take(obj, False)
+        try:
+            handle = self._handle(obj, snap)
+            snapshot = Snapshot(
+                vm=vm,
+                consistency=Consistency.APP if quiesce else Consistency.CRASH,
+                taken_at=taken_at,
+                since={},
+                tokens={n: d.change_id for n, d in handle.disks.items()},
+                handle=handle,
+                notes=notes,
+            )
+            for name, d in handle.disks.items():
+                snapshot.since[name] = self._usable_since(handle, name, since.get(name), notes)
+                if d.change_id is None and vm.disk(name).change_tracking:
+                    notes.append(f"disk {name}: vSphere gave no changeId; next cycle reads it all")
+            yield snapshot
+        finally:
+            self._remove_snapshot(obj, snap)
+
+    def _handle(self, obj: Any, snap: Any) -> _Handle:
+        from pyVmomi import vim
+
+        with vim_errors(f"VM '{obj.name}': snapshot disks"):
+            disks = {}
+            for dev in snap.config.hardware.device:
+                if not isinstance(dev, vim.vm.device.VirtualDisk):
+                    continue
+                backing = dev.backing
+                if getattr(backing, "parent", None) is not None:
+                    raise CapabilityNotSupported(
+                        f"VM '{obj.name}' has snapshots of its own: the HTTP disk reader reads "
+                        "only a base disk; delete them, or set vddk_libdir"
+                    )
+                disks[disk_name(dev.key)] = _Disk(
+                    key=dev.key,
+                    size=disk_size(dev),
+                    frozen=DatastorePath.parse(str(getattr(backing, "fileName", ""))),
+                    change_id=(getattr(backing, "changeId", None) or None)
+                    if trackable(obj, dev)
+                    else None,
+                )
+        return _Handle(vm=obj, snap=snap, disks=disks)
+
+    def _query(self, handle: _Handle, disk: _Disk, start: int, change_id: str) -> Any:
+        with vim_errors(f"VM '{handle.vm.name}': changed areas of {disk_name(disk.key)}"):
+            return handle.vm.QueryChangedDiskAreas(
+                snapshot=handle.snap, deviceKey=disk.key, startOffset=start, changeId=change_id
+            )
+
+    def _usable_since(
+        self, handle: _Handle, name: str, token: str | None, notes: list[str]
+    ) -> str | None:
+        """The token if vSphere still answers for it (its first page is kept), else None."""
+        disk = handle.disks[name]
+        if token is None or disk.change_id is None:
+            return None
+        try:
+            handle.first[name] = self._query(handle, disk, 0, token)
+        except PluginError as exc:
+            notes.append(f"disk {name}: change tracking was reset ({exc}); full read compared")
+            return None
+        return token
+
+    def changed_extents(self, snapshot: Snapshot, disk: str) -> Iterator[Extent]:
+        handle: _Handle = snapshot.handle
+        d = handle.disks[disk]
+        since = snapshot.since.get(disk)
+        if d.change_id is None and since is None and not snapshot.vm.disk(disk).change_tracking:
+            yield Extent(0, d.size)  # CBT cannot track it: the engine hash-compares
+            return
+        change_id = since or "*"
+        start = 0
+        info = handle.first.pop(disk, None)
+        while start < d.size:
+            if info is None:
+                info = self._query(handle, d, start, change_id)
+            for area in info.changedArea or ():
+                begin, end = int(area.start), min(int(area.start) + int(area.length), d.size)
+                if end > begin:
+                    yield Extent(begin, end - begin)
+            covered = int(info.startOffset) + int(info.length)
+            if covered <= start:
+                raise PluginError(f"VM '{handle.vm.name}': changed areas of {disk} do not advance")
+            start, info = covered, None
+
+    def read(self, snapshot: Snapshot, disk: str, extent: Extent) -> Buffer:
+        handle: _Handle = snapshot.handle
+        assert self.reader is not None
+        return self.reader.read(handle.disks[disk].frozen.flat(), extent.offset, extent.length)
+
+    def token_valid(self, vm: VMSpec, token: str) -> bool:
+        """A changeId stays valid while the disk's change tracking keeps its identity (the part
+        before '/'); vSphere itself answers the rest at the next snapshot."""
+        from pyVmomi import vim
+
+        ident = token.rsplit("/", 1)[0]
+        with vim_errors(f"VM '{vm.name}': change tracking"):
+            obj = self._find(vm.id)
+            if not obj.config.changeTrackingEnabled:
+                return False
+            for dev in obj.config.hardware.device:
+                if isinstance(dev, vim.vm.device.VirtualDisk):
+                    current = getattr(dev.backing, "changeId", None) or ""
+                    if current.rsplit("/", 1)[0] == ident:
+                        return True
+        return False
+
+    # ------------------------------------------------------------ power
+
+    def power_off(self, vm: VMSpec, force: bool = False) -> None:
+        from pyVmomi import vim
+
+        obj = self._find(vm.id)
+        with vim_errors(f"VM '{vm.name}': shutdown"):
+            if str(obj.runtime.powerState) != "poweredOn":
+                return
+            if not force:
+                try:
+                    obj.ShutdownGuest()
+                    return
+                except vim.fault.ToolsUnavailable:
+                    pass  # no tools: the caller's timeout then forces it
+                return
+            task = obj.PowerOffVM_Task()
+        wait_task(task, f"VM '{vm.name}': power off", self.opts.task_timeout)
+
+    def power_on(self, vm: VMSpec) -> None:
+        obj = self._find(vm.id)
+        with vim_errors(f"VM '{vm.name}': start"):
+            if str(obj.runtime.powerState) == "poweredOn":
+                return
+            task = obj.PowerOnVM_Task()
+        wait_task(task, f"VM '{vm.name}': start", self.opts.task_timeout)
+
+
+def _cluster(vm: Any) -> str | None:
+    host = vm.runtime.host
+    parent = getattr(host, "parent", None) if host is not None else None
+    return getattr(parent, "name", None)
+
+
+def _in_folder(vm: Any, folder: str) -> bool:
+    node = vm.parent
+    while node is not None:
+        if getattr(node, "name", None) == folder:
+            return True
+        node = getattr(node, "parent", None)
+    return False
+
+
+def _port_group(dev: Any) -> str:
+    backing = dev.backing
+    name = getattr(backing, "deviceName", None)
+    if name:
+        return str(name)
+    port = getattr(backing, "port", None)
+    return str(getattr(port, "portgroupKey", "") or "")
