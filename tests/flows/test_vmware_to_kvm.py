@@ -3,7 +3,6 @@ file, incrementals from CBT, a CBT reset, test and planned failover on the DR ho
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,21 +13,14 @@ from test_physical_to_physical import point_files
 
 from standby.core.config import Policy
 from standby.plugins.physical import lab
-from support.labenv import Lab, MiB, write_site
-from support.vmware import PASSWORD_ENV
+from support.labenv import Lab, MiB
+from support.vmware import vmdk_files, write_vc_site
 
 
 @pytest.fixture(scope="module")
 def vc(labenv: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vcsim]:
     sim = start_vcsim(tmp_path_factory.mktemp("vcsim"), vms=2)
-    os.environ[PASSWORD_ENV] = sim.password
-    write_site(
-        labenv.home,
-        "vc",
-        f'plugin = "vmware"\nhost = "{sim.host}"\nport = {sim.port}\nuser = "{sim.user}"\n'
-        f'password = "env:{PASSWORD_ENV}"\ndatacenter = "{sim.datacenter}"\n'
-        f'thumbprint = "{sim.thumbprint}"\n',
-    )
+    write_vc_site(labenv.home, sim)
     try:
         yield sim
     finally:
@@ -46,7 +38,7 @@ def key_of(disk: str) -> int:
 
 
 def assert_replica_equals_vmdk(env: Lab, vc: Vcsim, vm: str) -> None:
-    files = {f"disk{d['deviceKey']}": Path(d["file"]) for d in vc.disks(vm)}
+    files = vmdk_files(vc, vm)
     for disk, replica in point_files(env, vm).items():
         assert lab.images_equal(files[disk], replica, fmt_a="raw"), f"{vm}/{disk} differs"
 

@@ -25,3 +25,19 @@ def vmware_site(sim: Vcsim, tmp: Path, name: str = "vc", **extra: object) -> Sit
         **extra,
     }
     return Site(name=name, plugin="vmware", path=tmp / f"sites/{name}.toml", raw=raw)
+
+
+def write_vc_site(home: Path, sim: Vcsim, name: str = "vc") -> None:
+    """`sites/NAME.toml` in a standby home for the double (password by `env:` reference)."""
+    os.environ[PASSWORD_ENV] = sim.password
+    (home / "sites").mkdir(parents=True, exist_ok=True)
+    (home / "sites" / f"{name}.toml").write_text(
+        f'plugin = "vmware"\nhost = "{sim.host}"\nport = {sim.port}\nuser = "{sim.user}"\n'
+        f'password = "env:{PASSWORD_ENV}"\ndatacenter = "{sim.datacenter}"\n'
+        f'thumbprint = "{sim.thumbprint}"\n'
+    )
+
+
+def vmdk_files(sim: Vcsim, vm: str) -> dict[str, Path]:
+    """Each disk's backing flat file, by standby's disk name."""
+    return {f"disk{d['deviceKey']}": Path(d["file"]) for d in sim.disks(vm)}
