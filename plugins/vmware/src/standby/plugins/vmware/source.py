@@ -18,7 +18,13 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from standby.core.config import Site
-from standby.core.errors import CapabilityNotSupported, NotFound, PluginError, StandbyError
+from standby.core.errors import (
+    CapabilityNotSupported,
+    NotFound,
+    PluginError,
+    StandbyError,
+    TransientError,
+)
 from standby.core.interfaces import Buffer, Snapshot, Source, SourceCapabilities
 from standby.core.model import Consistency, DiskSpec, Extent, Firmware, NicSpec, VMSpec
 
@@ -42,6 +48,7 @@ class _Handle:
     """What one open snapshot holds."""
 
     vm: Any
+    name: str
     snap: Any
     disks: dict[str, _Disk]
     first: dict[str, Any] = field(default_factory=dict)  # disk -> first DiskChangeInfo page
@@ -110,16 +117,18 @@ class VMwareSource(Source):
         si = conn.connect(self.opts)
         with vim_errors(f"vCenter {self.opts.host}"):
             content = si.RetrieveContent()
-            dcs = [e for e in content.rootFolder.childEntity if isinstance(e, vim.Datacenter)]
-        found = [d for d in dcs if d.name == self.opts.datacenter]
+            dcs = {
+                e.name: e for e in content.rootFolder.childEntity if isinstance(e, vim.Datacenter)
+            }
+        found = [d for n, d in dcs.items() if n == self.opts.datacenter]
         if not found:
-            names = ", ".join(sorted(d.name for d in dcs)) or "none"
+            names = ", ".join(sorted(dcs)) or "none"
             raise NotFound(
                 f"site '{self.site.name}': datacenter '{self.opts.datacenter}' not found "
                 f"(vCenter has: {names})"
             )
         self.si, self.dc = si, found[0]
-        self.reader = HttpFlatReader(self.opts, self.dc.name, si._stub.cookie)
+        self.reader = HttpFlatReader(self.opts, self.opts.datacenter, si._stub.cookie)
 
     def close(self) -> None:
         if self.reader is not None:
@@ -136,10 +145,11 @@ class VMwareSource(Source):
 
     def check(self) -> list[str]:
         self.connect()
-        about = self.si.content.about
+        with vim_errors(f"vCenter {self.opts.host}"):
+            product = self.si.content.about.fullName
         return [
-            f"connected to {about.fullName} at {self.opts.host}",
-            f"datacenter {self.dc.name}: {len(self.list_vms())} VMs to protect",
+            f"connected to {product} at {self.opts.host}",
+            f"datacenter {self.opts.datacenter}: {len(self.list_vms())} VMs to protect",
         ]
 
     # ------------------------------------------------------------ inventory
@@ -175,9 +185,11 @@ class VMwareSource(Source):
             return [self._spec(vm) for vm in self._objects()]
 
     def _find(self, key: str) -> Any:
-        for vm in self._objects():
-            if key in (vm.config.instanceUuid, vm.name, vm._moId):
-                return vm
+        vms = self._objects()
+        with vim_errors(f"site '{self.site.name}': inventory"):
+            for vm in vms:
+                if key in (vm.config.instanceUuid, vm.name, vm._moId):
+                    return vm
         raise NotFound(f"VM '{key}' not found at site '{self.site.name}'")
 
     def get_vm(self, key: str) -> VMSpec:
@@ -243,10 +255,16 @@ class VMwareSource(Source):
         walk(vm.snapshot.rootSnapshotList if vm.snapshot else ())
         return found
 
-    def _remove_snapshot(self, vm: Any, snap: Any) -> None:
-        what = f"VM '{vm.name}': remove snapshot"
-        with vim_errors(what):
-            task = snap.RemoveSnapshot_Task(removeChildren=False, consolidate=True)
+    def _remove_snapshot(self, vm: Any, snap: Any, name: str) -> None:
+        """Remove one snapshot; a dropped connection is tried once more (pyvmomi opens a new
+        one on the same session): the clean-up of a cycle should not fail on a blip."""
+        what = f"VM '{name}': remove snapshot"
+        try:
+            with vim_errors(what):
+                task = snap.RemoveSnapshot_Task(removeChildren=False, consolidate=True)
+        except TransientError:
+            with vim_errors(what):
+                task = snap.RemoveSnapshot_Task(removeChildren=False, consolidate=True)
         try:
             wait_task(task, what, self.opts.task_timeout)
         except StandbyError:
@@ -255,19 +273,19 @@ class VMwareSource(Source):
                 if any(s._moId == snap._moId for s in self._our_snapshots(vm)):
                     raise
 
-    def _enable_cbt(self, vm: Any) -> None:
+    def _enable_cbt(self, vm: Any, name: str) -> None:
         from pyVmomi import vim
 
-        if vm.config.changeTrackingEnabled or hw_version(vm) < CBT_MIN_HW_VERSION:
-            return
-        what = f"VM '{vm.name}': enable change tracking"
+        what = f"VM '{name}': enable change tracking"
         with vim_errors(what):
+            if vm.config.changeTrackingEnabled or hw_version(vm) < CBT_MIN_HW_VERSION:
+                return
             task = vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(changeTrackingEnabled=True))
         wait_task(task, what, self.opts.task_timeout)
 
-    def _take(self, vm: Any, quiesce: bool) -> Any:
+    def _take(self, vm: Any, vm_name: str, quiesce: bool) -> Any:
         name = f"{SNAPSHOT_PREFIX}-{datetime.now(UTC):%Y%m%dT%H%M%S.%fZ}"
-        what = f"VM '{vm.name}': snapshot"
+        what = f"VM '{vm_name}': snapshot"
         with vim_errors(what):
             task = vm.CreateSnapshot_Task(
                 name=name, description="standby replication cycle", memory=False, quiesce=quiesce
@@ -279,25 +297,28 @@ class VMwareSource(Source):
         self, vm: VMSpec, consistency: Consistency, since: Mapping[str, str | None]
     ) -> Iterator[Snapshot]:
         obj = self._find(vm.id)
-        for stale in self._our_snapshots(obj):
-            self._remove_snapshot(obj, stale)  # left by a killed run
-        self._enable_cbt(obj)
+        with vim_errors(f"VM '{vm.name}': snapshots"):
+            stale = self._our_snapshots(obj)
+            tools = str(obj.guest.toolsRunningStatus)
+        for old in stale:
+            self._remove_snapshot(obj, old, vm.name)  # left by a killed run
+        self._enable_cbt(obj, vm.name)
         notes: list[str] = []
         quiesce = consistency is Consistency.APP
-        if quiesce and str(obj.guest.toolsRunningStatus) != "guestToolsRunning":
+        if quiesce and tools != "guestToolsRunning":
             quiesce = False
             notes.append("VMware Tools are not running: crash-consistent point")
         taken_at = datetime.now(UTC)
         try:
-            snap = self._take(obj, quiesce)
+            snap = self._take(obj, vm.name, quiesce)
         except StandbyError as exc:
             if not quiesce:
                 raise
             quiesce = False
             notes.append(f"quiesced snapshot failed ({exc}): crash-consistent point")
-            snap = self._take(obj, False)
+            snap = self._take(obj, vm.name, False)
         try:
-            handle = self._handle(obj, snap)
+            handle = self._handle(obj, vm.name, snap)
             snapshot = Snapshot(
                 vm=vm,
                 consistency=Consistency.APP if quiesce else Consistency.CRASH,
@@ -313,12 +334,12 @@ class VMwareSource(Source):
                     notes.append(f"disk {name}: vSphere gave no changeId; next cycle reads it all")
             yield snapshot
         finally:
-            self._remove_snapshot(obj, snap)
+            self._remove_snapshot(obj, snap, vm.name)
 
-    def _handle(self, obj: Any, snap: Any) -> _Handle:
+    def _handle(self, obj: Any, vm_name: str, snap: Any) -> _Handle:
         from pyVmomi import vim
 
-        with vim_errors(f"VM '{obj.name}': snapshot disks"):
+        with vim_errors(f"VM '{vm_name}': snapshot disks"):
             disks = {}
             for dev in snap.config.hardware.device:
                 if not isinstance(dev, vim.vm.device.VirtualDisk):
@@ -326,7 +347,7 @@ class VMwareSource(Source):
                 backing = dev.backing
                 if getattr(backing, "parent", None) is not None:
                     raise CapabilityNotSupported(
-                        f"VM '{obj.name}' has snapshots of its own: the HTTP disk reader reads "
+                        f"VM '{vm_name}' has snapshots of its own: the HTTP disk reader reads "
                         "only a base disk; delete them, or set vddk_libdir"
                     )
                 disks[disk_name(dev.key)] = _Disk(
@@ -337,10 +358,10 @@ class VMwareSource(Source):
                     if trackable(obj, dev)
                     else None,
                 )
-        return _Handle(vm=obj, snap=snap, disks=disks)
+        return _Handle(vm=obj, name=vm_name, snap=snap, disks=disks)
 
     def _query(self, handle: _Handle, disk: _Disk, start: int, change_id: str) -> Any:
-        with vim_errors(f"VM '{handle.vm.name}': changed areas of {disk_name(disk.key)}"):
+        with vim_errors(f"VM '{handle.name}': changed areas of {disk_name(disk.key)}"):
             return handle.vm.QueryChangedDiskAreas(
                 snapshot=handle.snap, deviceKey=disk.key, startOffset=start, changeId=change_id
             )
@@ -378,7 +399,7 @@ class VMwareSource(Source):
                     yield Extent(begin, end - begin)
             covered = int(info.startOffset) + int(info.length)
             if covered <= start:
-                raise PluginError(f"VM '{handle.vm.name}': changed areas of {disk} do not advance")
+                raise PluginError(f"VM '{handle.name}': changed areas of {disk} do not advance")
             start, info = covered, None
 
     def read(self, snapshot: Snapshot, disk: str, extent: Extent) -> Buffer:
