@@ -3,6 +3,7 @@ file, incrementals from CBT, a CBT reset, test and planned failover on the DR ho
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,3 +85,43 @@ def test_vmware_to_kvm_test_failover_and_cleanup(labenv: Lab, vc: Vcsim) -> None
     env.lifecycle.cleanup(vm)
     assert fo.vm_name not in {d.name() for d in env.dr.listAllDomains()}
     assert env.engine.replicate(vm).bytes_read == 65536, "replication goes on after the drill"
+
+
+def test_a_plan_drill_mixes_a_vmware_vm_and_a_kvm_vm(
+    labenv: Lab, vc: Vcsim, tmp_path: Path
+) -> None:
+    """One recovery plan: the database on vSphere, the app on a KVM host, both drilled onto
+    the same KVM DR site in order, reported, and cleaned up."""
+    env = labenv
+    vm, _disk = first_vm(env)
+    env.create_vm("kvmapp", [("vda", 8 * MiB, "qcow2")])
+    env.write("kvmapp", "vda", 0, 65536, 0x61)
+    env.engine.protect("kvmapp", "src", "dr", Policy())
+    env.engine.replicate("kvmapp")
+    order = tmp_path / "order"
+    plan = tmp_path / "mixed.toml"
+    plan.write_text(
+        f"""
+name = "mixed"
+[[groups]]
+name = "database"
+vms = ["{vm}"]
+  [[groups.after]]
+  type = "script"
+  command = "echo $STANDBY_VM >> {order}"
+[[groups]]
+name = "app"
+vms = ["kvmapp"]
+  [[groups.after]]
+  type = "script"
+  command = "echo $STANDBY_VM >> {order}"
+"""
+    )
+    env.cli("plan", "check", str(plan), check=True)
+    r = env.cli("drill", str(plan), "--json", check=True)
+    run = json.loads(r.stdout)
+    report = json.loads((env.home / "reports" / f"drill-{run['run']}.json").read_text())
+    assert {v["vm"] for v in report["vms"]} == {vm, "kvmapp"}
+    assert all(v["point_id"] is not None for v in report["vms"])
+    assert order.read_text().split() == [vm, "kvmapp"], "groups ran in order"
+    assert not [d for d in env.engine.target("dr").domain_names() if d.endswith("-test")]
