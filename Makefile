@@ -13,7 +13,7 @@ APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system 
 # reaped; this machine's init reaps every ~2 s (systemd at once). `tini -s` reaps them at once.
 REAP := tini -s --
 
-.PHONY: setup demo demo-azure demo-plan test lint bench bench-azure bench-rpo bench-rto clean
+.PHONY: setup demo demo-azure demo-plan test lint bench bench-azure bench-rpo bench-rto bench-vmware clean
 
 setup:
 	@bash scripts/setup.sh $(APT_PACKAGES)
@@ -46,6 +46,9 @@ bench-rpo: setup
 
 bench-rto: setup
 	$(REAP) uv run python benchmarks/bench_rto.py
+
+bench-vmware: setup
+	$(REAP) uv run python benchmarks/bench_vmware.py
 
 clean:
 	rm -rf .venv demo-work .pytest_cache .mypy_cache .ruff_cache
