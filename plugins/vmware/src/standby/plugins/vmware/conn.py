@@ -103,6 +103,20 @@ def probe(opts: VMwareOptions) -> None:
         raise TransientError(f"vCenter {opts.host}:{opts.port}: {exc}") from exc
 
 
+def peer_sha1(opts: VMwareOptions) -> str:
+    """The vCenter certificate's SHA-1 thumbprint (what VDDK pins), after the real check."""
+    try:
+        with (
+            socket.create_connection((opts.host, opts.port), timeout=30) as raw,
+            opts.tls().wrap_socket(raw, server_hostname=opts.host) as tls_sock,
+        ):
+            opts.check_peer(tls_sock)
+            der = tls_sock.getpeercert(binary_form=True) or b""
+    except OSError as exc:
+        raise TransientError(f"vCenter {opts.host}:{opts.port}: {exc}") from exc
+    return _colons(hashlib.sha1(der).hexdigest())
+
+
 def connect(opts: VMwareOptions) -> Any:
     """A logged-in ServiceInstance."""
     from pyVim.connect import SmartConnect

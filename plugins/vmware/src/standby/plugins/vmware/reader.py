@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import http.client
 import re
+import subprocess
 import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlencode
 
 from standby.core.errors import NotFound, PluginError, TransientError
@@ -161,3 +165,60 @@ def vddk_command(
         "transports=nbdssl:nbd",
         f"file={disk}",
     ]
+
+
+class VddkReader:
+    """Frozen disks served by nbdkit (its vddk plugin), one nbdkit per disk on a unix socket,
+    read over NBD with one libnbd handle per engine thread. Lives as long as one snapshot."""
+
+    def __init__(self) -> None:
+        self.procs: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+        self._local = threading.local()
+        self._all: list[Any] = []
+        self._lock = threading.Lock()
+
+    def start(self, disk: str, cmd: list[str], sock: Path, timeout: float = 60) -> None:
+        """Start nbdkit for one disk; return once its socket answers."""
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.procs[disk] = (proc, sock)
+        deadline = time.monotonic() + timeout
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                last = (err.strip().splitlines() or ["no output"])[-1]
+                raise PluginError(f"nbdkit (VDDK) for disk {disk} did not start: {last}")
+            time.sleep(0.02)
+
+    def read(self, disk: str, offset: int, length: int) -> bytes:
+        import nbd
+
+        handles: dict[str, Any] = getattr(self._local, "h", None) or {}
+        self._local.h = handles
+        if disk not in handles:
+            h = nbd.NBD()
+            h.connect_unix(str(self.procs[disk][1]))
+            handles[disk] = h
+            with self._lock:
+                self._all.append(h)
+        try:
+            return handles[disk].pread(length, offset)  # type: ignore[no-any-return]
+        except nbd.Error as exc:
+            raise TransientError(f"disk {disk}: VDDK read at {offset} failed: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            for h in self._all:
+                try:
+                    h.shutdown()
+                except Exception:  # a handle of a dead nbdkit: nothing to shut down
+                    pass
+            self._all.clear()
+        for proc, sock in self.procs.values():
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            sock.unlink(missing_ok=True)
+        self.procs.clear()

@@ -11,13 +11,16 @@ hash-compares against the last point, with a note saying why.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, ClassVar
 
-from standby.core.config import Site
+from standby.core.config import Site, resolve_secret
 from standby.core.errors import (
     CapabilityNotSupported,
     NotFound,
@@ -30,7 +33,7 @@ from standby.core.model import Consistency, DiskSpec, Extent, Firmware, NicSpec,
 
 from . import conn
 from .conn import REPLICA_KEY, SNAPSHOT_PREFIX, VMwareOptions, vim_errors, wait_task
-from .reader import DatastorePath, HttpFlatReader
+from .reader import DatastorePath, HttpFlatReader, VddkReader, vddk_command
 
 CBT_MIN_HW_VERSION = 7  # vSphere's rule: changed block tracking needs virtual hardware 7+
 
@@ -51,6 +54,7 @@ class _Handle:
     name: str
     snap: Any
     disks: dict[str, _Disk]
+    vddk: VddkReader | None = None
     first: dict[str, Any] = field(default_factory=dict)  # disk -> first DiskChangeInfo page
 
 
@@ -317,8 +321,11 @@ class VMwareSource(Source):
             quiesce = False
             notes.append(f"quiesced snapshot failed ({exc}): crash-consistent point")
             snap = self._take(obj, vm.name, False)
+        stack = ExitStack()
         try:
             handle = self._handle(obj, vm.name, snap)
+            if self.opts.vddk_libdir:
+                handle.vddk = self._start_vddk(handle, stack)
             snapshot = Snapshot(
                 vm=vm,
                 consistency=Consistency.APP if quiesce else Consistency.CRASH,
@@ -334,7 +341,35 @@ class VMwareSource(Source):
                     notes.append(f"disk {name}: vSphere gave no changeId; next cycle reads it all")
             yield snapshot
         finally:
-            self._remove_snapshot(obj, snap, vm.name)
+            try:
+                stack.close()  # the VDDK readers go before their snapshot
+            finally:
+                self._remove_snapshot(obj, snap, vm.name)
+
+    def _start_vddk(self, handle: _Handle, stack: ExitStack) -> VddkReader:
+        """One nbdkit + VDDK per frozen disk, in a private directory with the password file
+        (mode 0600); all of it goes when the snapshot is left."""
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="standby-vddk-")))
+        secret = work / "password"
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(resolve_secret(self.opts.password))
+        sha1 = conn.peer_sha1(self.opts)
+        vddk = VddkReader()
+        stack.callback(vddk.close)
+        for name, d in handle.disks.items():
+            sock = work / f"{name}.sock"
+            cmd = vddk_command(
+                self.opts,
+                socket_path=str(sock),
+                vm_moref=str(handle.vm._moId),
+                snapshot_moref=str(handle.snap._moId),
+                disk=d.frozen,
+                password_file=str(secret),
+                sha1_thumbprint=sha1,
+            )
+            vddk.start(name, cmd, sock)
+        return vddk
 
     def _handle(self, obj: Any, vm_name: str, snap: Any) -> _Handle:
         from pyVmomi import vim
@@ -345,7 +380,7 @@ class VMwareSource(Source):
                 if not isinstance(dev, vim.vm.device.VirtualDisk):
                     continue
                 backing = dev.backing
-                if getattr(backing, "parent", None) is not None:
+                if getattr(backing, "parent", None) is not None and not self.opts.vddk_libdir:
                     raise CapabilityNotSupported(
                         f"VM '{vm_name}' has snapshots of its own: the HTTP disk reader reads "
                         "only a base disk; delete them, or set vddk_libdir"
@@ -404,6 +439,8 @@ class VMwareSource(Source):
 
     def read(self, snapshot: Snapshot, disk: str, extent: Extent) -> Buffer:
         handle: _Handle = snapshot.handle
+        if handle.vddk is not None:
+            return handle.vddk.read(disk, extent.offset, extent.length)
         assert self.reader is not None
         return self.reader.read(handle.disks[disk].frozen.flat(), extent.offset, extent.length)
 
