@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 
-import pytest
-from doubles.vcsim_proc import Vcsim, start_vcsim
+from doubles.vcsim_proc import Vcsim
 from pyVmomi import vim
 from test_physical_to_physical import point_files
 
@@ -19,17 +17,6 @@ from standby.plugins.physical import lab
 from standby.plugins.vmware.source import VMwareSource
 from support.labenv import Lab, MiB
 from support.vmware import CuttingProxy, vmdk_files, write_vc_site
-
-
-@pytest.fixture(scope="module")
-def vc(labenv: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vcsim]:
-    sim = start_vcsim(tmp_path_factory.mktemp("vcsim"), vms=3)
-    write_vc_site(labenv.home, sim)
-    try:
-        yield sim
-    finally:
-        labenv.release()
-        sim.stop()
 
 
 def test_bad_site_input_is_one_line_and_an_exit_code(labenv: Lab, vc: Vcsim) -> None:

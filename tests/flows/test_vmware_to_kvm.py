@@ -5,28 +5,15 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-from doubles.vcsim_proc import Vcsim, start_vcsim
+from doubles.vcsim_proc import Vcsim
 from test_physical_to_physical import point_files
 
 from standby.core.config import Policy
 from standby.plugins.physical import lab
 from support.labenv import Lab, MiB
-from support.vmware import vmdk_files, write_vc_site
-
-
-@pytest.fixture(scope="module")
-def vc(labenv: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vcsim]:
-    sim = start_vcsim(tmp_path_factory.mktemp("vcsim"), vms=2)
-    write_vc_site(labenv.home, sim)
-    try:
-        yield sim
-    finally:
-        labenv.release()
-        sim.stop()
+from support.vmware import vmdk_files
 
 
 def first_vm(env: Lab) -> tuple[str, str]:

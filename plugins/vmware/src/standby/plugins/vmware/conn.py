@@ -86,14 +86,15 @@ def _colons(hexed: str) -> str:
     return ":".join(hexed[i : i + 2] for i in range(0, len(hexed), 2)).upper()
 
 
-def probe(opts: VMwareOptions) -> None:
-    """Check the pinned identity before any credential is sent."""
+def probe(opts: VMwareOptions) -> bytes:
+    """Check the pinned identity before any credential is sent; the peer's certificate (DER)."""
     try:
         with (
             socket.create_connection((opts.host, opts.port), timeout=30) as raw,
             opts.tls().wrap_socket(raw, server_hostname=opts.host) as tls_sock,
         ):
             opts.check_peer(tls_sock)
+            return tls_sock.getpeercert(binary_form=True) or b""
     except ssl.SSLCertVerificationError as exc:
         raise ConfigError(
             f"vCenter {opts.host}:{opts.port}: certificate not trusted ({exc.verify_message}); "
@@ -105,16 +106,7 @@ def probe(opts: VMwareOptions) -> None:
 
 def peer_sha1(opts: VMwareOptions) -> str:
     """The vCenter certificate's SHA-1 thumbprint (what VDDK pins), after the real check."""
-    try:
-        with (
-            socket.create_connection((opts.host, opts.port), timeout=30) as raw,
-            opts.tls().wrap_socket(raw, server_hostname=opts.host) as tls_sock,
-        ):
-            opts.check_peer(tls_sock)
-            der = tls_sock.getpeercert(binary_form=True) or b""
-    except OSError as exc:
-        raise TransientError(f"vCenter {opts.host}:{opts.port}: {exc}") from exc
-    return _colons(hashlib.sha1(der).hexdigest())
+    return _colons(hashlib.sha1(probe(opts)).hexdigest())
 
 
 def connect(opts: VMwareOptions) -> Any:
