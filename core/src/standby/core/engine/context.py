@@ -24,6 +24,7 @@ class Sites:
         self.home = home
         self._plugins: dict[tuple[str, str], Source | Target] = {}
         self._lock = threading.RLock()  # plan runs and --watch use sites from several threads
+        self._connecting: dict[tuple[str, str], threading.Lock] = {}
 
     def site(self, name: str) -> Site:
         return get_site(name, self.home)
@@ -33,16 +34,40 @@ class Sites:
         role = "source" if isinstance(plugin, Source) else "target"
         self._plugins[(name, role)] = plugin
 
+    def pair(self, source: str, target: str) -> tuple[Source, Target]:
+        """A cycle's source and target. When neither is connected yet they connect at the
+        same time: one's SDK import or login overlaps the other's (an embedded root's agent
+        starting, a vCenter session)."""
+        with self._lock:
+            cold = (source, "source") not in self._plugins and (
+                target,
+                "target",
+            ) not in self._plugins
+        if cold:
+            with ThreadPoolExecutor(2, thread_name_prefix="standby-connect") as pool:
+                src = pool.submit(self._get, source, "source")
+                tgt = pool.submit(self._get, target, "target")
+                src.result(), tgt.result()  # a source's error first, as when one at a time
+        return self.source(source), self.target(target)
+
     def _get(self, name: str, role: str) -> Source | Target:
+        """The connected plugin, connecting it once (other sites connect meanwhile)."""
         key = (name, role)
         with self._lock:
-            if key not in self._plugins:
-                site = self.site(name)
-                cls = plugins.source_class if role == "source" else plugins.target_class
-                plugin = cls(site.plugin)(site)
-                plugin.connect()
+            if key in self._plugins:
+                return self._plugins[key]
+            connecting = self._connecting.setdefault(key, threading.Lock())
+        with connecting:
+            with self._lock:
+                if key in self._plugins:
+                    return self._plugins[key]
+            site = self.site(name)
+            cls = plugins.source_class if role == "source" else plugins.target_class
+            plugin = cls(site.plugin)(site)
+            plugin.connect()
+            with self._lock:
                 self._plugins[key] = plugin
-            return self._plugins[key]
+            return plugin
 
     def source(self, name: str) -> Source:
         found = self._get(name, "source")

@@ -127,7 +127,7 @@ class CycleRun:
             prot = s.get(Protection, self.protection_id)
             assert prot is not None
             policy = Policy.model_validate(prot.policy)
-            source, target = ctx.source(prot.source_site), ctx.target(prot.target_site)
+            source, target = ctx.sites.pair(prot.source_site, prot.target_site)
             vm = self._current_vm(prot, source)
             if prot.state != "protected":
                 raise ConfigError(
