@@ -200,6 +200,24 @@ def _median(runs: list[dict[str, Any]], key: str) -> float:
     return round(statistics.median(float(r[key]) for r in runs), 3)
 
 
+def phase(runs: list[dict[str, Any]], peer_runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians of one phase, standby against the peer, and every run."""
+    cyc, wall, peer = (
+        _median(runs, "seconds"),
+        _median(runs, "wall_seconds"),
+        _median(peer_runs, "seconds"),
+    )
+    return {
+        "standby_cycle_s": cyc,
+        "standby_wall_s": wall,
+        "peer_s": peer,
+        "ratio_cycle": round(peer / cyc, 2),
+        "ratio_wall": round(peer / wall, 2),
+        "runs": runs,
+        "peer_runs": peer_runs,
+    }
+
+
 def figures(
     work: Path,
     size: int,
@@ -209,33 +227,12 @@ def figures(
     incremental: list[dict[str, Any]],
     peer_inc: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    cyc, wall, peer = (_median(initial, "seconds"), _median(initial, "wall_seconds"),
-                       _median(peer_initial, "seconds"))  # fmt: skip
-    icyc, iwall, ipeer = (_median(incremental, "seconds"), _median(incremental, "wall_seconds"),
-                          _median(peer_inc, "seconds"))  # fmt: skip
     shipped = statistics.median(r["bytes_written"] / r["changed_bytes"] for r in incremental)
     return {
         "machine": bp.machine(work),
         "disk": {"size": size, **{f"{k}_bytes": v for k, v in counts.items()}},
-        "initial": {
-            "standby_cycle_s": cyc,
-            "standby_wall_s": wall,
-            "peer_s": peer,
-            "ratio_cycle": round(peer / cyc, 2),
-            "ratio_wall": round(peer / wall, 2),
-            "runs": initial,
-            "peer_runs": peer_initial,
-        },
-        "incremental": {
-            "standby_cycle_s": icyc,
-            "standby_wall_s": iwall,
-            "peer_s": ipeer,
-            "ratio_cycle": round(ipeer / icyc, 2),
-            "ratio_wall": round(ipeer / iwall, 2),
-            "shipped_over_changed": round(shipped, 3),
-            "runs": incremental,
-            "peer_runs": peer_inc,
-        },
+        "initial": phase(initial, peer_initial),
+        "incremental": phase(incremental, peer_inc) | {"shipped_over_changed": round(shipped, 3)},
     }
 
 

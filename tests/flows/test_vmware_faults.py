@@ -48,7 +48,7 @@ def test_a_disk_cbt_cannot_track_is_read_whole_and_compared(labenv: Lab, vc: Vcs
     vm, disk = _vm(env, 1)
     src = env.engine.source("vc")
     assert isinstance(src, VMwareSource)
-    obj = src._find(vm)
+    obj, _cfg = src._find(vm)
     task = obj.ReconfigVM_Task(spec=vim.vm.ConfigSpec(version="vmx-04"))  # before CBT existed
     while str(task.info.state) not in ("success", "error"):
         time.sleep(0.05)
@@ -57,7 +57,7 @@ def test_a_disk_cbt_cannot_track_is_read_whole_and_compared(labenv: Lab, vc: Vcs
     vc.write(vm, key, 0, b"\x21" * MiB)
     env.engine.protect(vm, "vc", "dr", Policy())
     assert env.engine.replicate(vm).kind == "full"
-    assert not src._find(vm).config.changeTrackingEnabled, "CBT is not switched on for hw 4"
+    assert not src._find(vm)[0].config.changeTrackingEnabled, "CBT is not switched on for hw 4"
     vc.write(vm, key, 8 * MiB, b"\x22" * 65536)
     again = env.engine.replicate(vm)
     assert again.kind == "hashcompare" and again.bytes_written == 65536
@@ -92,6 +92,6 @@ def test_vcenter_gone_mid_cycle_leaves_no_half_point(labenv: Lab, vc: Vcsim) -> 
             assert lab.images_equal(vmdk_files(vc, vm)[d], replica, fmt_a="raw")
         src = env.engine.source("vc-flaky")
         assert isinstance(src, VMwareSource)
-        assert not src._our_snapshots(src._find(vm)), "no standby snapshot is left behind"
+        assert not src._our_snapshots(src._find(vm)[0]), "no standby snapshot is left behind"
     finally:
         proxy.close()

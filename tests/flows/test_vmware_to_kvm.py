@@ -57,7 +57,7 @@ def test_vmware_to_kvm_full_incremental_and_cbt_reset(labenv: Lab, vc: Vcsim) ->
     assert after.bytes_written == 65536, "the full read is hash-compared: only the change ships"
     assert_replica_equals_vmdk(env, vc, vm)
     src = env.engine.source("vc")
-    assert not src._our_snapshots(src._find(vm)), "no standby snapshot is left behind"
+    assert not src._our_snapshots(src._find(vm)[0]), "no standby snapshot is left behind"
 
 
 def test_vmware_to_kvm_test_failover_and_cleanup(labenv: Lab, vc: Vcsim) -> None:

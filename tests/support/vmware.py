@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import threading
@@ -15,39 +16,34 @@ from standby.core.config import Site
 PASSWORD_ENV = "STANDBY_TEST_VC_PASSWORD"
 
 
-def vmware_site(sim: Vcsim, tmp: Path, name: str = "vc", **extra: object) -> Site:
-    """A `plugin = "vmware"` site for the double; its password goes by `env:` reference."""
-    os.environ[PASSWORD_ENV] = sim.password
-    raw: dict[str, object] = {
+def site_keys(sim: Vcsim, password_env: str = PASSWORD_ENV, **extra: object) -> dict[str, object]:
+    """The keys of a `plugin = "vmware"` site for the double; its password goes by `env:`
+    reference, and the variable is set to the double's password."""
+    os.environ[password_env] = sim.password
+    return {
         "host": sim.host,
         "port": sim.port,
         "user": sim.user,
-        "password": f"env:{PASSWORD_ENV}",
+        "password": f"env:{password_env}",
         "datacenter": sim.datacenter,
         "thumbprint": sim.thumbprint,
         **extra,
     }
-    return Site(name=name, plugin="vmware", path=tmp / f"sites/{name}.toml", raw=raw)
 
 
-def write_vc_site(
-    home: Path,
-    sim: Vcsim,
-    name: str = "vc",
-    *,
-    port: int | None = None,
-    password_env: str = PASSWORD_ENV,
-    datacenter: str | None = None,
-    thumbprint: str | None = None,
-) -> None:
-    """`sites/NAME.toml` in a standby home for the double (password by `env:` reference)."""
-    os.environ.setdefault(password_env, sim.password)
+def vmware_site(sim: Vcsim, tmp: Path, name: str = "vc", **extra: object) -> Site:
+    """A site object for the double (for plugin-level tests)."""
+    path = tmp / f"sites/{name}.toml"
+    return Site(name=name, plugin="vmware", path=path, raw=site_keys(sim, **extra))
+
+
+def write_vc_site(home: Path, sim: Vcsim, name: str = "vc", **extra: object) -> None:
+    """`sites/NAME.toml` in a standby home for the double; `extra` overrides keys (`port`,
+    `datacenter`, `thumbprint`, or `password_env` for another variable)."""
+    keys = {"plugin": "vmware", **site_keys(sim, **extra)}
     (home / "sites").mkdir(parents=True, exist_ok=True)
     (home / "sites" / f"{name}.toml").write_text(
-        f'plugin = "vmware"\nhost = "{sim.host}"\nport = {port or sim.port}\n'
-        f'user = "{sim.user}"\npassword = "env:{password_env}"\n'
-        f'datacenter = "{datacenter or sim.datacenter}"\n'
-        f'thumbprint = "{thumbprint or sim.thumbprint}"\n'
+        "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items())
     )
 
 

@@ -85,15 +85,6 @@ class HttpFlatReader:
             conn.close()
             self._local.conn = None
 
-    def size(self, where: DatastorePath) -> int | None:
-        """The file's size, or None when it does not exist."""
-        status, headers, _ = self._request("HEAD", where, {})
-        if status == 404:
-            return None
-        if status != 200:
-            raise PluginError(f"datastore file {where}: HTTP {status}")
-        return int(headers.get("content-length", "0"))
-
     def read(self, where: DatastorePath, offset: int, length: int) -> bytes:
         """`length` bytes at `offset` of the file."""
         rng = {"Range": f"bytes={offset}-{offset + length - 1}"}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -63,17 +63,18 @@ def disk_name(key: int) -> str:
     return f"disk{key}"
 
 
-def hw_version(vm: Any) -> int:
-    text = str(getattr(vm.config, "version", "") or "")
+def hw_version(cfg: Any) -> int:
+    """The virtual hardware version of a VM's config (`vmx-13` -> 13)."""
+    text = str(getattr(cfg, "version", "") or "")
     return int(text[4:]) if text.startswith("vmx-") and text[4:].isdigit() else 0
 
 
-def trackable(vm: Any, device: Any) -> bool:
+def trackable(cfg: Any, device: Any) -> bool:
     """Whether CBT can track this disk (vSphere's rules, enforced even where a double is lax):
     hardware version 7 or later, and not a physical-mode raw device mapping."""
     from pyVmomi import vim
 
-    if hw_version(vm) < CBT_MIN_HW_VERSION:
+    if hw_version(cfg) < CBT_MIN_HW_VERSION:
         return False
     backing = device.backing
     rdm = vim.vm.device.VirtualDisk.RawDiskMappingVer1BackingInfo
@@ -100,7 +101,7 @@ class VMwareSource(Source):
         super().__init__(site)
         self.opts = site.options(VMwareOptions)
         self.si: Any = None
-        self.dc: Any = None
+        self.vm_folder: Any = None
         self.reader: HttpFlatReader | None = None
 
     @classmethod
@@ -124,14 +125,15 @@ class VMwareSource(Source):
             dcs = {
                 e.name: e for e in content.rootFolder.childEntity if isinstance(e, vim.Datacenter)
             }
-        found = [d for n, d in dcs.items() if n == self.opts.datacenter]
-        if not found:
+        dc = dcs.get(self.opts.datacenter)
+        if dc is None:
             names = ", ".join(sorted(dcs)) or "none"
             raise NotFound(
                 f"site '{self.site.name}': datacenter '{self.opts.datacenter}' not found "
                 f"(vCenter has: {names})"
             )
-        self.si, self.dc = si, found[0]
+        with vim_errors(f"vCenter {self.opts.host}"):
+            self.si, self.vm_folder = si, dc.vmFolder
         self.reader = HttpFlatReader(self.opts, self.opts.datacenter, si._stub.cookie)
 
     def close(self) -> None:
@@ -158,13 +160,15 @@ class VMwareSource(Source):
 
     # ------------------------------------------------------------ inventory
 
-    def _objects(self) -> list[Any]:
+    def _objects(self) -> list[tuple[Any, Any]]:
+        """The protectable VMs, each with its config (fetched once: every property read of
+        a managed object is a round trip to vCenter)."""
         from pyVmomi import vim
 
         self.connect()
         with vim_errors(f"site '{self.site.name}': inventory"):
             view = self.si.content.viewManager.CreateContainerView(
-                self.dc.vmFolder, [vim.VirtualMachine], True
+                self.vm_folder, [vim.VirtualMachine], True
             )
             try:
                 vms = list(view.view)
@@ -181,33 +185,31 @@ class VMwareSource(Source):
                     continue
                 if self.opts.folder and not _in_folder(vm, self.opts.folder):
                     continue
-                out.append(vm)
+                out.append((vm, cfg))
         return out
 
     def list_vms(self) -> list[VMSpec]:
         with vim_errors(f"site '{self.site.name}': inventory"):
-            return [self._spec(vm) for vm in self._objects()]
+            return [self._spec(vm, cfg) for vm, cfg in self._objects()]
 
-    def _find(self, key: str) -> Any:
-        vms = self._objects()
-        with vim_errors(f"site '{self.site.name}': inventory"):
-            for vm in vms:
-                if key in (vm.config.instanceUuid, vm.name, vm._moId):
-                    return vm
+    def _find(self, key: str) -> tuple[Any, Any]:
+        """The VM and its config, by instance UUID, name or moref."""
+        for vm, cfg in self._objects():
+            if key in (cfg.instanceUuid, cfg.name, vm._moId):
+                return vm, cfg
         raise NotFound(f"VM '{key}' not found at site '{self.site.name}'")
 
     def get_vm(self, key: str) -> VMSpec:
-        vm = self._find(key)
+        vm, cfg = self._find(key)
         with vim_errors(f"VM '{key}'"):
-            return self._spec(vm)
+            return self._spec(vm, cfg)
 
-    def _spec(self, vm: Any) -> VMSpec:
+    def _spec(self, vm: Any, cfg: Any) -> VMSpec:
         from pyVmomi import vim
 
-        cfg = vm.config
         disks: list[DiskSpec] = []
         nics: list[NicSpec] = []
-        extra = {"moref": str(vm._moId), "hw_version": str(hw_version(vm))}
+        extra = {"moref": str(vm._moId), "hw_version": str(hw_version(cfg))}
         for dev in cfg.hardware.device:
             if isinstance(dev, vim.vm.device.VirtualDisk):
                 name = disk_name(dev.key)
@@ -216,7 +218,7 @@ class VMwareSource(Source):
                         name=name,
                         size=disk_size(dev),
                         format="vmdk",
-                        change_tracking=trackable(vm, dev),
+                        change_tracking=trackable(cfg, dev),
                         boot=not disks,
                     )
                 )
@@ -230,18 +232,17 @@ class VMwareSource(Source):
                         model=type(dev).__name__.rsplit(".", 1)[-1].removeprefix("Virtual"),
                     )
                 )
+        power = str(vm.runtime.powerState)
         return VMSpec(
             id=cfg.instanceUuid or vm._moId,
-            name=vm.name,
+            name=cfg.name,
             cpus=int(cfg.hardware.numCPU),
             memory_mib=int(cfg.hardware.memoryMB),
             firmware=Firmware.UEFI if cfg.firmware == "efi" else Firmware.BIOS,
             disks=tuple(disks),
             nics=tuple(nics),
             guest_os=cfg.guestFullName or cfg.guestId or "unknown",
-            power_state={"poweredOn": "running", "poweredOff": "shutoff"}.get(
-                str(vm.runtime.powerState), str(vm.runtime.powerState)
-            ),
+            power_state={"poweredOn": "running", "poweredOff": "shutoff"}.get(power, power),
             extra=extra,
         )
 
@@ -263,12 +264,14 @@ class VMwareSource(Source):
         """Remove one snapshot; a dropped connection is tried once more (pyvmomi opens a new
         one on the same session): the clean-up of a cycle should not fail on a blip."""
         what = f"VM '{name}': remove snapshot"
-        try:
-            with vim_errors(what):
-                task = snap.RemoveSnapshot_Task(removeChildren=False, consolidate=True)
-        except TransientError:
-            with vim_errors(what):
-                task = snap.RemoveSnapshot_Task(removeChildren=False, consolidate=True)
+        for attempt in (1, 2):
+            try:
+                with vim_errors(what):
+                    task = snap.RemoveSnapshot_Task(removeChildren=False, consolidate=True)
+                break
+            except TransientError:
+                if attempt == 2:
+                    raise
         try:
             wait_task(task, what, self.opts.task_timeout)
         except StandbyError:
@@ -277,13 +280,13 @@ class VMwareSource(Source):
                 if any(s._moId == snap._moId for s in self._our_snapshots(vm)):
                     raise
 
-    def _enable_cbt(self, vm: Any, name: str) -> None:
+    def _enable_cbt(self, vm: Any, cfg: Any, name: str) -> None:
         from pyVmomi import vim
 
+        if cfg.changeTrackingEnabled or hw_version(cfg) < CBT_MIN_HW_VERSION:
+            return
         what = f"VM '{name}': enable change tracking"
         with vim_errors(what):
-            if vm.config.changeTrackingEnabled or hw_version(vm) < CBT_MIN_HW_VERSION:
-                return
             task = vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(changeTrackingEnabled=True))
         wait_task(task, what, self.opts.task_timeout)
 
@@ -300,13 +303,13 @@ class VMwareSource(Source):
     def open_snapshot(
         self, vm: VMSpec, consistency: Consistency, since: Mapping[str, str | None]
     ) -> Iterator[Snapshot]:
-        obj = self._find(vm.id)
+        obj, cfg = self._find(vm.id)
         with vim_errors(f"VM '{vm.name}': snapshots"):
             stale = self._our_snapshots(obj)
             tools = str(obj.guest.toolsRunningStatus)
         for old in stale:
             self._remove_snapshot(obj, old, vm.name)  # left by a killed run
-        self._enable_cbt(obj, vm.name)
+        self._enable_cbt(obj, cfg, vm.name)
         notes: list[str] = []
         quiesce = consistency is Consistency.APP
         if quiesce and tools != "guestToolsRunning":
@@ -323,7 +326,7 @@ class VMwareSource(Source):
             snap = self._take(obj, vm.name, False)
         stack = ExitStack()
         try:
-            handle = self._handle(obj, vm.name, snap)
+            handle = self._handle(obj, cfg, vm.name, snap)
             if self.opts.vddk_libdir:
                 handle.vddk = self._start_vddk(handle, stack)
             snapshot = Snapshot(
@@ -371,7 +374,7 @@ class VMwareSource(Source):
             vddk.start(name, cmd, sock)
         return vddk
 
-    def _handle(self, obj: Any, vm_name: str, snap: Any) -> _Handle:
+    def _handle(self, obj: Any, cfg: Any, vm_name: str, snap: Any) -> _Handle:
         from pyVmomi import vim
 
         with vim_errors(f"VM '{vm_name}': snapshot disks"):
@@ -390,7 +393,7 @@ class VMwareSource(Source):
                     size=disk_size(dev),
                     frozen=DatastorePath.parse(str(getattr(backing, "fileName", ""))),
                     change_id=(getattr(backing, "changeId", None) or None)
-                    if trackable(obj, dev)
+                    if trackable(cfg, dev)
                     else None,
                 )
         return _Handle(vm=obj, name=vm_name, snap=snap, disks=disks)
@@ -450,11 +453,11 @@ class VMwareSource(Source):
         from pyVmomi import vim
 
         ident = token.rsplit("/", 1)[0]
+        _obj, cfg = self._find(vm.id)
         with vim_errors(f"VM '{vm.name}': change tracking"):
-            obj = self._find(vm.id)
-            if not obj.config.changeTrackingEnabled:
+            if not cfg.changeTrackingEnabled:
                 return False
-            for dev in obj.config.hardware.device:
+            for dev in cfg.hardware.device:
                 if isinstance(dev, vim.vm.device.VirtualDisk):
                     current = getattr(dev.backing, "changeId", None) or ""
                     if current.rsplit("/", 1)[0] == ident:
@@ -466,22 +469,19 @@ class VMwareSource(Source):
     def power_off(self, vm: VMSpec, force: bool = False) -> None:
         from pyVmomi import vim
 
-        obj = self._find(vm.id)
+        obj, _cfg = self._find(vm.id)
         with vim_errors(f"VM '{vm.name}': shutdown"):
             if str(obj.runtime.powerState) != "poweredOn":
                 return
             if not force:
-                try:
-                    obj.ShutdownGuest()
-                    return
-                except vim.fault.ToolsUnavailable:
-                    pass  # no tools: the caller's timeout then forces it
+                with suppress(vim.fault.ToolsUnavailable):  # no tools: the caller's timeout
+                    obj.ShutdownGuest()  # then forces it
                 return
             task = obj.PowerOffVM_Task()
         wait_task(task, f"VM '{vm.name}': power off", self.opts.task_timeout)
 
     def power_on(self, vm: VMSpec) -> None:
-        obj = self._find(vm.id)
+        obj, _cfg = self._find(vm.id)
         with vim_errors(f"VM '{vm.name}': start"):
             if str(obj.runtime.powerState) == "poweredOn":
                 return
