@@ -13,7 +13,7 @@ CORE = Path(__file__).resolve().parents[2] / "core" / "src" / "standby" / "core"
 
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "model", "config", "extents", "locks"),
-    ("interfaces", "plugins", "testing"),
+    ("interfaces", "plugins", "testing", "imagefiles"),
     ("state",),
     ("engine",),
     ("lifecycle", "plans"),

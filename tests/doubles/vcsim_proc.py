@@ -81,6 +81,10 @@ class Vcsim:
         )
         return result
 
+    def set_free(self, free_bytes: int) -> None:
+        """Make vCenter report `free_bytes` free on the datastore (a full datastore)."""
+        self._call("POST", "/standby/datastore", {"freeBytes": free_bytes})
+
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM by PID, wait ``timeout`` seconds, then SIGKILL."""
         if self.proc.poll() is None:

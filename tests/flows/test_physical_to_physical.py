@@ -262,4 +262,4 @@ def test_a_kvm_replicate_loads_only_what_it_uses(labenv: Lab) -> None:
         found = sorted(m for m in loaded if m == unwanted or m.startswith(unwanted + "."))
         assert not found, f"{unwanted} was imported: {found[:5]}"
     # (entry points load through importlib, which -X importtime does not list; their imports are)
-    assert "standby.plugins.physical.nbdio" in loaded
+    assert "standby.core.imagefiles.nbd" in loaded

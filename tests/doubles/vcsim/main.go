@@ -485,6 +485,7 @@ func (f *front) control(w http.ResponseWriter, r *http.Request) {
 		Disk   int32  `json:"disk"`
 		Offset int64  `json:"offset"`
 		Data   []byte `json:"data"`
+		Free   *int64 `json:"freeBytes"`
 	}
 	in.VM = r.URL.Query().Get("vm")
 	if r.Method == http.MethodPost && r.URL.Path != "/standby/stop" {
@@ -496,6 +497,21 @@ func (f *front) control(w http.ResponseWriter, r *http.Request) {
 	if r.URL.Path == "/standby/stop" {
 		jsonReply(w, 200, map[string]bool{"stopping": true})
 		close(f.stop)
+		return
+	}
+	if r.URL.Path == "/standby/datastore" { // what vCenter reports free (a full datastore)
+		var free int64
+		for _, e := range simulator.Map.All("Datastore") {
+			ds := e.(*simulator.Datastore)
+			simulator.Map.WithLock(ds, func() {
+				if in.Free != nil {
+					ds.Summary.FreeSpace = *in.Free
+					ds.Info.GetDatastoreInfo().FreeSpace = *in.Free
+				}
+				free = ds.Summary.FreeSpace
+			})
+		}
+		jsonReply(w, 200, map[string]int64{"freeBytes": free})
 		return
 	}
 	vm := findVM(in.VM)

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from standby.core.errors import NotFound, PluginError, StandbyError, TransientError
+from standby.core.imagefiles.nbd import DIRTY, STATE_ZERO, NbdPool, extents, nbd_module
 from standby.core.interfaces import Buffer, Snapshot, Source, SourceCapabilities
 from standby.core.model import Consistency, Extent, VMSpec
 from standby.plugins.physical import conn as lv
 from standby.plugins.physical.domxml import parse_domain
-from standby.plugins.physical.nbdio import DIRTY, STATE_ZERO, NbdPool, extents, nbd_module
 
 CHECKPOINT_PREFIX = "standby-"
 APPLIANCE = "standby-replica-"

@@ -10,10 +10,8 @@ changes). Failover starts a domain whose disks are new overlays on the chosen po
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -29,6 +27,8 @@ from standby.core.errors import (
     TransientError,
 )
 from standby.core.extents import Intervals, subtract, union
+from standby.core.imagefiles import chain, qcow2
+from standby.core.imagefiles.nbd import NbdPool, nbd_module
 from standby.core.interfaces import Buffer, ReplicaWriter, Target, TargetCapabilities
 from standby.core.model import (
     Extent,
@@ -40,28 +40,10 @@ from standby.core.model import (
     VMSpec,
 )
 from standby.plugins.physical import conn as lv
-from standby.plugins.physical import qcow2
 from standby.plugins.physical.domxml import bus_for, disk_sources, guest_devs, swap_disks
-from standby.plugins.physical.nbdio import NbdPool, nbd_module
 
 QCOW2_MAX = 64 << 40  # 64 TiB: what this target accepts per disk
 TEST_NETWORK = "standby-test"
-
-
-def _qemu_img(*args: str) -> None:
-    proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        line = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]
-        raise PluginError(f"qemu-img {args[0]}: {line[0]}")
-
-
-def _virtual_size(path: Path) -> int:
-    out = subprocess.run(
-        ["qemu-img", "info", "-U", "--output=json", str(path)], capture_output=True, text=True
-    )
-    if out.returncode != 0:
-        raise PluginError(f"qemu-img info {path}: {out.stderr.strip()}")
-    return int(json.loads(out.stdout)["virtual-size"])
 
 
 class PhysicalWriter(ReplicaWriter):
@@ -328,17 +310,8 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
         base_files: dict[str, str] = dict(base.ref.get("files", {})) if base else {}
         for disk in protection.vm.disks:
             path = self.cycle_file(protection, disk.name, cycle_id)
-            if not path.exists():
-                tmp = path.with_suffix(".tmp")
-                backing = base_files.get(disk.name)
-                args = ["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"]
-                if backing:
-                    fmt = base.ref.get("formats", {}).get(disk.name, "qcow2") if base else "qcow2"
-                    args += ["-b", backing, "-F", fmt]
-                _qemu_img(*args, str(tmp), str(disk.size))
-                tmp.rename(path)
-            elif _virtual_size(path) < disk.size:
-                _qemu_img("resize", "-q", "-f", "qcow2", str(path), str(disk.size))
+            backing = base_files.get(disk.name)
+            chain.ensure_overlay(path, disk.size, backing, chain.base_format(base, disk.name))
             files[disk.name] = path
         pool = NbdPool(sock, writable=True)
         writer = PhysicalWriter(self, protection, cycle_id, files, dom, pool)
@@ -359,49 +332,7 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
     def prune(
         self, protection: ProtectionInfo, drop: list[PointInfo], keep: list[PointInfo]
     ) -> dict[int, dict[str, Any]]:
-        points = sorted([*drop, *keep], key=lambda p: p.id)
-        dropping = {p.id for p in drop}
-        refs: dict[int, dict[str, Any]] = {
-            p.id: {"files": dict(p.ref.get("files", {})), "cycle": p.ref.get("cycle")}
-            for p in points
-        }
-        moved: set[int] = set()
-        disks = {d for p in points for d in refs[p.id]["files"]}
-        for disk in sorted(disks):
-            chain = [p.id for p in points if disk in refs[p.id]["files"]]
-            for pid in [c for c in chain if c in dropping]:
-                idx = chain.index(pid)
-                mine = Path(refs[pid]["files"][disk])
-                if idx + 1 >= len(chain):
-                    raise PluginError(f"cannot prune point {pid}: it is the newest")
-                child_id = chain[idx + 1]
-                child = Path(refs[child_id]["files"][disk])
-                if child == mine:
-                    pass  # merged already in an interrupted prune
-                elif child.exists() and mine.exists():
-                    # Merge the successor's changes down; `mine` then holds the successor.
-                    _qemu_img("commit", "-q", "-f", "qcow2", "-d", str(child))
-                    if idx + 2 < len(chain):
-                        grandchild = Path(refs[chain[idx + 2]]["files"][disk])
-                        _qemu_img(
-                            "rebase",
-                            "-q",
-                            "-u",
-                            "-f",
-                            "qcow2",
-                            "-b",
-                            str(mine),
-                            "-F",
-                            "qcow2",
-                            str(grandchild),
-                        )
-                    child.unlink()
-                elif not mine.exists():
-                    raise PluginError(f"replica file {mine} of point {pid} is missing")
-                refs[child_id]["files"][disk] = str(mine)
-                moved.add(child_id)
-                chain.remove(pid)
-        return {pid: refs[pid] for pid in moved if pid not in dropping}
+        return chain.prune(drop, keep)
 
     # ------------------------------------------------------------ failover
 
@@ -494,7 +425,7 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
                 raise PluginError(f"point {point.id} has no replica of disk {disk.name}")
             overlay = fdir / f"{disk.name}.qcow2"
             overlay.unlink(missing_ok=True)
-            _qemu_img(
+            chain.qemu_img(
                 "create",
                 "-q",
                 "-f",

@@ -27,6 +27,8 @@ SNAPSHOT_PREFIX = "standby-cycle"
 """Snapshots standby takes are named `standby-cycle-...`: a killed run's are found by name."""
 REPLICA_KEY = "standby.role"
 """extraConfig key standby sets on VMs it creates (replicas, test VMs): not protectable."""
+FAILOVER_KEY = "standby.failover"
+"""extraConfig key naming the failover that created a VM (found by it after a crash)."""
 
 
 class VMwareOptions(SiteOptions):
@@ -46,6 +48,19 @@ class VMwareOptions(SiteOptions):
     """Where VMware's VDDK is installed: then disks are read through nbdkit's vddk plugin."""
     max_parallel_reads: int = Field(default=8, ge=1, le=64)
     task_timeout: int = Field(default=1800, ge=1)
+    # --- as a DR site (target)
+    datastore: str | None = None
+    """The datastore replicas and failed-over VMs live on."""
+    datastore_path: str | None = None
+    """Where that datastore is mounted on the machine standby runs on (an NFS datastore):
+    the data mover writes replica files there."""
+    resource_pool: str | None = None
+    """Resource pool (name, under `cluster`) failed-over VMs run in; the cluster's root pool
+    when unset."""
+    networks: dict[str, str] = Field(default_factory=dict)
+    """Source network or port group name -> port group at this site."""
+    test_network: str = "standby-test"
+    """Port group test failovers attach to: on a vSwitch with no uplink, made on first use."""
 
     @field_validator("thumbprint")
     @classmethod
@@ -130,6 +145,39 @@ def connect(opts: VMwareOptions) -> Any:
         raise AuthError(f"vCenter {opts.host}: login failed for user '{opts.user}'") from None
     except (OSError, http.client.HTTPException) as exc:
         raise TransientError(f"vCenter {opts.host}: {exc}") from exc
+
+
+def open_datacenter(opts: VMwareOptions, site: str) -> tuple[Any, Any]:
+    """A logged-in ServiceInstance and the site's datacenter (NotFound naming the ones there)."""
+    from pyVmomi import vim
+
+    si = connect(opts)
+    with vim_errors(f"vCenter {opts.host}"):
+        content = si.RetrieveContent()
+        dcs = {e.name: e for e in content.rootFolder.childEntity if isinstance(e, vim.Datacenter)}
+    dc = dcs.get(opts.datacenter)
+    if dc is None:
+        disconnect(si)
+        names = ", ".join(sorted(dcs)) or "none"
+        raise NotFound(
+            f"site '{site}': datacenter '{opts.datacenter}' not found (vCenter has: {names})"
+        )
+    return si, dc
+
+
+def disconnect(si: Any) -> None:
+    """Log out; a gone vCenter is not an error."""
+    from pyVim.connect import Disconnect
+
+    try:
+        Disconnect(si)
+    except Exception:  # logging out of a gone vCenter is not an error
+        pass
+
+
+def extra_config(cfg: Any) -> dict[str, str]:
+    """A VM config's extraConfig as a dict."""
+    return {str(o.key): str(o.value) for o in (getattr(cfg, "extraConfig", None) or ())}
 
 
 def translate(exc: Exception, what: str) -> StandbyError:

@@ -117,21 +117,8 @@ class VMwareSource(Source):
     def connect(self) -> None:
         if self.si is not None:
             return
-        from pyVmomi import vim
 
-        si = conn.connect(self.opts)
-        with vim_errors(f"vCenter {self.opts.host}"):
-            content = si.RetrieveContent()
-            dcs = {
-                e.name: e for e in content.rootFolder.childEntity if isinstance(e, vim.Datacenter)
-            }
-        dc = dcs.get(self.opts.datacenter)
-        if dc is None:
-            names = ", ".join(sorted(dcs)) or "none"
-            raise NotFound(
-                f"site '{self.site.name}': datacenter '{self.opts.datacenter}' not found "
-                f"(vCenter has: {names})"
-            )
+        si, dc = conn.open_datacenter(self.opts, self.site.name)
         with vim_errors(f"vCenter {self.opts.host}"):
             self.si, self.vm_folder = si, dc.vmFolder
         self.reader = HttpFlatReader(self.opts, self.opts.datacenter, si._stub.cookie)
@@ -141,12 +128,7 @@ class VMwareSource(Source):
             self.reader.close()
             self.reader = None
         if self.si is not None:
-            from pyVim.connect import Disconnect
-
-            try:
-                Disconnect(self.si)
-            except Exception:  # logging out of a gone vCenter is not an error
-                pass
+            conn.disconnect(self.si)
             self.si = None
 
     def check(self) -> list[str]:
@@ -209,7 +191,11 @@ class VMwareSource(Source):
 
         disks: list[DiskSpec] = []
         nics: list[NicSpec] = []
-        extra = {"moref": str(vm._moId), "hw_version": str(hw_version(cfg))}
+        extra = {
+            "moref": str(vm._moId),
+            "hw_version": str(hw_version(cfg)),
+            "guest_id": str(cfg.guestId or ""),
+        }
         for dev in cfg.hardware.device:
             if isinstance(dev, vim.vm.device.VirtualDisk):
                 name = disk_name(dev.key)

@@ -10,7 +10,7 @@ import pytest
 
 from standby.core.errors import PluginError
 from standby.core.extents import normalize
-from standby.plugins.physical import qcow2
+from standby.core.imagefiles import qcow2
 
 MiB = 1 << 20
 

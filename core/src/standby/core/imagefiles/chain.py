@@ -1,0 +1,101 @@
+"""Replica chains: one qcow2 overlay per recovery point, on top of the previous point.
+
+A cycle writes into a new overlay backed by the base point's file; committed, the overlay is
+never written again. Pruning a point merges its successor down into it (`qemu-img commit`),
+so the cost is one cycle's changes, and the successor's ref moves to the merged file.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from standby.core.errors import PluginError
+from standby.core.model import PointInfo
+
+
+def qemu_img(*args: str) -> None:
+    """Run qemu-img; its last line of output as a PluginError when it fails."""
+    proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        line = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]
+        raise PluginError(f"qemu-img {args[0]}: {line[0]}")
+
+
+def virtual_size(path: Path) -> int:
+    out = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", str(path)], capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise PluginError(f"qemu-img info {path}: {out.stderr.strip()}")
+    return int(json.loads(out.stdout)["virtual-size"])
+
+
+def ensure_overlay(path: Path, size: int, backing: str | None, backing_format: str) -> None:
+    """A new qcow2 (64 KiB clusters) at `path` over `backing`, or grow the one there."""
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        args = ["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"]
+        if backing:
+            args += ["-b", backing, "-F", backing_format]
+        qemu_img(*args, str(tmp), str(size))
+        tmp.rename(path)
+    elif virtual_size(path) < size:
+        qemu_img("resize", "-q", "-f", "qcow2", str(path), str(size))
+
+
+def base_format(base: PointInfo | None, disk: str) -> str:
+    """The format of a point's file for `disk` (seeded points start on raw originals)."""
+    return str(base.ref.get("formats", {}).get(disk, "qcow2")) if base else "qcow2"
+
+
+def prune(drop: Iterable[PointInfo], keep: Iterable[PointInfo]) -> dict[int, dict[str, Any]]:
+    """Merge the dropped points of a chain away; the new refs of kept points that moved.
+
+    Restartable: a merge interrupted after the commit and before the ref moved is found by
+    the successor's file being gone (or equal to the dropped one's) and completed."""
+    drop, keep = list(drop), list(keep)
+    points = sorted([*drop, *keep], key=lambda p: p.id)
+    dropping = {p.id for p in drop}
+    refs: dict[int, dict[str, Any]] = {
+        p.id: {**p.ref, "files": dict(p.ref.get("files", {}))} for p in points
+    }
+    moved: set[int] = set()
+    disks = {d for p in points for d in refs[p.id]["files"]}
+    for disk in sorted(disks):
+        chain = [p.id for p in points if disk in refs[p.id]["files"]]
+        for pid in [c for c in chain if c in dropping]:
+            idx = chain.index(pid)
+            mine = Path(refs[pid]["files"][disk])
+            if idx + 1 >= len(chain):
+                raise PluginError(f"cannot prune point {pid}: it is the newest")
+            child_id = chain[idx + 1]
+            child = Path(refs[child_id]["files"][disk])
+            if child == mine:
+                pass  # merged already in an interrupted prune
+            elif child.exists() and mine.exists():
+                _merge_down(mine, child, refs, chain, idx, disk)
+            elif not mine.exists():
+                raise PluginError(f"replica file {mine} of point {pid} is missing")
+            refs[child_id]["files"][disk] = str(mine)
+            fmt = refs[pid].get("formats", {}).get(disk)
+            if fmt and fmt != "qcow2":
+                refs[child_id].setdefault("formats", {})[disk] = fmt
+            moved.add(child_id)
+            chain.remove(pid)
+    return {pid: refs[pid] for pid in moved if pid not in dropping}
+
+
+def _merge_down(
+    mine: Path, child: Path, refs: dict[int, dict[str, Any]], chain: list[int], idx: int, disk: str
+) -> None:
+    """Commit `child` into `mine`, point the grandchild at `mine`, remove `child`."""
+    qemu_img("commit", "-q", "-f", "qcow2", "-d", str(child))
+    if idx + 2 < len(chain):
+        grandchild = Path(refs[chain[idx + 2]]["files"][disk])
+        fmt = refs[chain[idx]].get("formats", {}).get(disk, "qcow2")
+        qemu_img("rebase", "-q", "-u", "-f", "qcow2", "-b", str(mine), "-F", fmt, str(grandchild))
+    child.unlink()
