@@ -43,8 +43,14 @@ def write_vc_site(home: Path, sim: Vcsim, name: str = "vc", **extra: object) -> 
     keys = {"plugin": "vmware", **site_keys(sim, **extra)}
     (home / "sites").mkdir(parents=True, exist_ok=True)
     (home / "sites" / f"{name}.toml").write_text(
-        "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items())
+        "".join(f"{k} = {_toml(v)}\n" for k, v in keys.items())
     )
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+    return json.dumps(value)
 
 
 def vmdk_files(sim: Vcsim, vm: str) -> dict[str, Path]:

@@ -101,7 +101,11 @@ func findVM(name string) *simulator.VirtualMachine {
 func (f *front) state(vm *simulator.VirtualMachine, d *types.VirtualDisk) *diskState {
 	id := fmt.Sprintf("%s/%d", vm.Self.Value, d.Key)
 	if st := f.disks[id]; st != nil {
-		return st
+		b, ok := d.Backing.(*types.VirtualDiskFlatVer2BackingInfo)
+		if !ok || b.FileName == st.dsPath {
+			return st
+		}
+		// the disk now backs onto another file (a reconfigure swapped it): a new disk to CBT
 	}
 	if f.diskBytes > 0 && d.CapacityInKB*1024 < f.diskBytes {
 		d.CapacityInKB = f.diskBytes / 1024
@@ -120,6 +124,7 @@ func (f *front) state(vm *simulator.VirtualMachine, d *types.VirtualDisk) *diskS
 			}
 		}
 		if st.file != "" {
+			writeDescriptor(strings.TrimSuffix(st.file, "-flat.vmdk")+".vmdk", filepath.Base(st.file), st.capacity)
 			if fi, err := os.Stat(st.file); err != nil || fi.Size() < st.capacity {
 				_ = os.MkdirAll(filepath.Dir(st.file), 0o755)
 				if fh, err := os.OpenFile(st.file, os.O_RDWR|os.O_CREATE, 0o644); err == nil {
@@ -131,6 +136,19 @@ func (f *front) state(vm *simulator.VirtualMachine, d *types.VirtualDisk) *diskS
 	}
 	f.disks[id] = st
 	return st
+}
+
+// writeDescriptor gives a flat disk the text descriptor ESXi keeps beside its extent (the
+// simulator leaves an empty file); an existing non-empty descriptor is left alone.
+func writeDescriptor(path, extent string, capacity int64) {
+	if fi, err := os.Stat(path); err == nil && fi.Size() > 0 {
+		return
+	}
+	text := fmt.Sprintf("# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"+
+		"createType=\"vmfs\"\n\n# Extent description\nRW %d VMFS \"%s\"\n\n#DDB\n"+
+		"ddb.adapterType = \"lsilogic\"\n", capacity/512, extent)
+	_ = os.MkdirAll(filepath.Dir(path), 0o755)
+	_ = os.WriteFile(path, []byte(text), 0o644)
 }
 
 // renumberDisks gives the model's disks vSphere's usual keys (2000, 2001, ...) at start;

@@ -3,6 +3,7 @@ and the ConfigSpec that creates it on standby's flat disks."""
 
 from __future__ import annotations
 
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,14 +115,14 @@ def isolated_network(dc: Any, cluster: Any, opts: VMwareOptions, site: str) -> A
                     spec=vim.host.VirtualSwitch.Specification(numPorts=128),
                 )
             if not any(p.spec.name == name for p in info.portgroup or ()):
-                ns.AddPortGroup(
-                    portgrp=vim.host.PortGroup.Specification(
-                        name=name,
-                        vswitchName=ISOLATED_VSWITCH,
-                        vlanId=0,
-                        policy=vim.host.NetworkPolicy(),
-                    )
+                spec = vim.host.PortGroup.Specification(
+                    name=name,
+                    vswitchName=ISOLATED_VSWITCH,
+                    vlanId=0,
+                    policy=vim.host.NetworkPolicy(),
                 )
+                with suppress(vim.fault.DuplicateName):  # there already (vcsim: on another host)
+                    ns.AddPortGroup(portgrp=spec)
     found = networks_by_name(dc).get(name)
     if found is None:
         raise NotFound(f"site '{site}': test port group '{name}' did not appear")
@@ -225,9 +226,17 @@ def config_spec(
 
 
 def created_by(cfg: Any, failover_id: int) -> bool:
+    """Whether failover `failover_id` created this VM."""
     from .conn import extra_config
 
     return extra_config(cfg).get(FAILOVER_KEY) == str(failover_id)
+
+
+def swapped_by(cfg: Any, failover_id: int) -> bool:
+    """Whether failover `failover_id` (a failback) switched this original VM's disks."""
+    from .conn import extra_config
+
+    return extra_config(cfg).get(FAILOVER_KEY) == f"{failover_id}:original"
 
 
 def is_replica(cfg: Any) -> bool:

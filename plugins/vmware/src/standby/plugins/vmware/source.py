@@ -196,7 +196,10 @@ class VMwareSource(Source):
             "hw_version": str(hw_version(cfg)),
             "guest_id": str(cfg.guestId or ""),
         }
+        dv_names: dict[str, str] | None = None
         for dev in cfg.hardware.device:
+            if isinstance(dev, vim.vm.device.VirtualEthernetCard) and dv_names is None:
+                dv_names = _dv_names(vm)
             if isinstance(dev, vim.vm.device.VirtualDisk):
                 name = disk_name(dev.key)
                 disks.append(
@@ -214,7 +217,7 @@ class VMwareSource(Source):
                     NicSpec(
                         name=dev.deviceInfo.label if dev.deviceInfo else str(dev.key),
                         mac=dev.macAddress or "",
-                        network=_port_group(dev),
+                        network=_port_group(dev, dv_names or {}),
                         model=type(dev).__name__.rsplit(".", 1)[-1].removeprefix("Virtual"),
                     )
                 )
@@ -490,10 +493,16 @@ def _in_folder(vm: Any, folder: str) -> bool:
     return False
 
 
-def _port_group(dev: Any) -> str:
+def _port_group(dev: Any, dv_names: Mapping[str, str]) -> str:
+    """The port group's name (a distributed one is named by its key in the backing)."""
     backing = dev.backing
     name = getattr(backing, "deviceName", None)
     if name:
         return str(name)
-    port = getattr(backing, "port", None)
-    return str(getattr(port, "portgroupKey", "") or "")
+    key = str(getattr(getattr(backing, "port", None), "portgroupKey", "") or "")
+    return dv_names.get(key, key)
+
+
+def _dv_names(vm: Any) -> dict[str, str]:
+    """Distributed port group key -> name, for the networks a VM is on."""
+    return {str(n.key): str(n.name) for n in vm.network or () if hasattr(n, "key")}

@@ -407,7 +407,8 @@ class VMwareTarget(Target):
         found = self._named(name)
         if found is not None:
             obj, cfg = found
-            if not test and placement.created_by(cfg, fid):  # made before an interruption
+            done = placement.created_by(cfg, fid) or placement.swapped_by(cfg, fid)
+            if not test and done:  # made before an interruption
                 placement.power_on(obj, what, self.opts.task_timeout)
                 return self._result(protection, point, obj, name, fid, test)
             if test or str(obj.runtime.powerState) != "poweredOff":
@@ -489,7 +490,7 @@ class VMwareTarget(Target):
             changes.append(vim.vm.device.VirtualDeviceSpec(operation="edit", device=dev))
         spec = vim.vm.ConfigSpec(
             deviceChange=changes,
-            extraConfig=[vim.option.OptionValue(key=FAILOVER_KEY, value=str(fid))],
+            extraConfig=[vim.option.OptionValue(key=FAILOVER_KEY, value=f"{fid}:original")],
         )
         with vim_errors(what):
             task = obj.ReconfigVM_Task(spec=spec)
@@ -499,7 +500,7 @@ class VMwareTarget(Target):
     def _drop_created(self, fid: int) -> None:
         """Delete the VMs a failover created (not an original it reconfigured)."""
         for obj, cfg in self._vms():
-            if placement.created_by(cfg, fid) and str(cfg.files.vmPathName).find("standby/") >= 0:
+            if placement.created_by(cfg, fid):
                 placement.destroy(obj, f"remove VM '{cfg.name}'", self.opts.task_timeout)
 
     def _result(
@@ -531,8 +532,7 @@ class VMwareTarget(Target):
         for obj, cfg in self._vms():
             ours = placement.created_by(cfg, fid) and placement.is_replica(cfg) == test
             named = test and cfg.name == ref.get("name") and placement.is_replica(cfg)
-            made_here = test or "standby/" in str(cfg.files.vmPathName)
-            if (ours or named) and made_here:
+            if ours or named:
                 self.step(f"removing VM {cfg.name}")
                 placement.destroy(obj, f"remove VM '{cfg.name}'", self.opts.task_timeout)
         if test:
