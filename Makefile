@@ -5,7 +5,7 @@ export UV_PYTHON_DOWNLOADS := never
 export PATH := $(HOME)/.local/bin:$(PATH)
 
 APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system \
-	libvirt-daemon-system-sysv qemu-system-x86 qemu-utils libvirt-clients pkg-config \
+	libvirt-daemon-system-sysv qemu-system-x86 qemu-system-common qemu-utils libvirt-clients pkg-config \
 	libvirt-dev python3-libnbd libnbd-bin python3-dev gcc make cpio rsync restic \
 	borgbackup tini golang-go golang-github-vmware-govmomi-dev golang-github-google-uuid-dev nbdkit
 
@@ -13,7 +13,7 @@ APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system 
 # reaped; this machine's init reaps every ~2 s (systemd at once). `tini -s` reaps them at once.
 REAP := tini -s --
 
-.PHONY: setup demo demo-azure demo-plan test lint bench bench-azure bench-rpo bench-rto bench-vmware clean
+.PHONY: setup demo demo-azure demo-plan demo-vmware test lint bench bench-azure bench-rpo bench-rto bench-vmware clean
 
 setup:
 	@bash scripts/setup.sh $(APT_PACKAGES)
@@ -26,6 +26,9 @@ demo-azure: setup
 
 demo-plan: setup
 	@$(REAP) bash scripts/demo-plan.sh
+
+demo-vmware: setup
+	@$(REAP) bash scripts/demo-vmware.sh
 
 lint: setup
 	uv run ruff check .

@@ -1,6 +1,7 @@
 """vSphere (the vcsim double) -> Azure (Azurite + the fake ARM): the seed's most used flow.
 Points checked byte for byte against the VMDK's backing file; a drill through the CLI; a
-planned failover (guest shut down through vSphere, zero loss) and its commit."""
+planned failover (guest shut down through vSphere, zero loss), its commit, re-protect back to
+the vCenter seeded from the original disks, and failback onto the original VM."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from doubles.vcsim_proc import Vcsim, start_vcsim
 from test_physical_to_azure import _managed_disk, latest_point
 
 from standby.core.config import Policy
+from standby.plugins.physical import lab as lab_mod
 from standby.providers.azure import vhd
 from support.azure import AzureEnv
 from support.labenv import Lab, MiB, write_site
@@ -23,7 +25,15 @@ from support.vmware import vmdk_files, write_vc_site
 def lab(labenv: Lab, azenv: AzureEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     sim = start_vcsim(tmp_path_factory.mktemp("vcsim"), vms=2)
     write_site(labenv.home, "azure", azenv.site_toml("replicas"))
-    write_vc_site(labenv.home, sim)
+    # the vCenter is also where failback lands: a datastore standby reaches as files
+    # (and the Azure subnet maps back to the VMs' port group)
+    write_vc_site(
+        labenv.home,
+        sim,
+        datastore=sim.datastore,
+        datastore_path=str(sim.datastore_dir),
+        networks={"default": "DC0_DVPG0"},
+    )
     labenv.vc = sim  # type: ignore[attr-defined]
     try:
         yield labenv
@@ -94,4 +104,19 @@ def test_planned_failover_to_azure_loses_nothing(lab: Lab, azenv: AzureEnv) -> N
     assert env.engine.source("vc").get_vm(vm).power_state == "shutoff"
     at_azure = azenv.arm.disk_data(_managed_disk(azenv.arm, vm.replace("_", "-"), disk))
     assert at_azure.download_blob(offset=5 * MiB, length=65536).readall() == b"\x77" * 65536
+    env.lifecycle.commit(vm)
+
+    # Azure -> vSphere: re-protect seeded from the original VMDK, then fail back onto it
+    env.lifecycle.reprotect(vm)
+    at_azure.upload_page(b"\x99" * 65536, offset=9 * MiB, length=65536)
+    first = env.engine.replicate(vm)
+    assert first.kind == "hashcompare"
+    assert first.bytes_written == 65536, "only the block written in Azure travels back"
+    fb = env.lifecycle.failback(vm)
+    assert fb.kind == "planned" and fb.vm_name == vm
+    src = env.engine.source("vc")
+    assert src.get_vm(vm).power_state == "running", "the original VM runs again"
+    home = vmdk_files(vc(env), vm)[disk]
+    assert lab_mod.has_pattern(home, 9 * MiB, 65536, 0x99, fmt="raw"), "the Azure write came home"
+    assert lab_mod.has_pattern(home, 5 * MiB, 65536, 0x77, fmt="raw")
     env.lifecycle.commit(vm)

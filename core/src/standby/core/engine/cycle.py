@@ -345,7 +345,7 @@ class CycleRun:
         except StandbyError as exc:
             with self.ctx.state.session() as s:
                 self.ctx.state.log(s, "warning", f"stale change tokens kept: {exc}", b.pinfo.id)
-        retention.prune(self.ctx, b.pinfo.vm.name)
+        retention.prune(self.ctx, b.pinfo.id)
         return report
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from standby.core.config import Policy
+from standby.core.errors import NotFound
 from standby.core.state import (
     ACTIVE,
+    Protection,
     RecoveryPoint,
     aware,
     failovers,
@@ -23,10 +25,17 @@ from standby.core.state import (
 from .context import Context
 
 
-def prune(ctx: Context, vm_key: str) -> list[int]:
-    """Apply the policy's retention; points used by a running failover are kept."""
+def prune(ctx: Context, vm_key: str | int) -> list[int]:
+    """Apply the policy's retention; points used by a running failover are kept. `vm_key`: a
+    VM name or id, or the protection's own id (an int: a re-protected VM may run under
+    another name at its new source, e.g. one Azure made valid)."""
     with ctx.state.session() as s:
-        prot = ctx.state.protection(s, vm_key)
+        if isinstance(vm_key, int):
+            prot = s.get(Protection, vm_key)
+            if prot is None:
+                raise NotFound(f"protection {vm_key} is gone")
+        else:
+            prot = ctx.state.protection(s, vm_key)
         active = failovers(s, prot.id, ACTIVE)
         policy = Policy.model_validate(prot.policy)
         points = [p for p in prot.points if p.state in ("visible", "pruning")]

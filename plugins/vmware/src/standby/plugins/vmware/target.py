@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -47,6 +48,7 @@ from .reader import DatastorePath, HttpFlatReader
 
 MAX_VMDK = 62 << 40  # vSphere's largest virtual disk: 62 TiB
 CONVERT_THREADS = 4
+ORIGINAL = "original.json"  # in a seeded replica's folder: the VM a failback goes onto
 
 
 def _safe(name: str) -> str:
@@ -402,9 +404,10 @@ class VMwareTarget(Target):
         self.connect()
         fid = failover_id or 0
         vm = protection.vm
-        name = self.test_name(protection) if test else vm.name
         what = f"failover of {vm.name}"
-        found = self._named(name)
+        found = None if test else self._original(protection)
+        name = found[1].name if found else self.test_name(protection) if test else vm.name
+        found = found or self._named(name)
         if found is not None:
             obj, cfg = found
             done = placement.created_by(cfg, fid) or placement.swapped_by(cfg, fid)
@@ -581,11 +584,26 @@ class VMwareTarget(Target):
             if extent is None or extent[1] != disk.size or not extent[0].exists():
                 return None
             files[disk.name] = str(extent[0])
+        self.prepare(protection)
+        marker = self.vm_dir(protection) / ORIGINAL
+        marker.write_text(json.dumps({"instanceUuid": cfg.instanceUuid, "name": cfg.name}))
         return {
             "files": files,
             "formats": {d: "raw" for d in files},
             "seed": True,
         }
+
+    def _original(self, pinfo: ProtectionInfo) -> tuple[Any, Any] | None:
+        """The original VM a re-protect towards this site was seeded from (a failback goes
+        back onto it, whatever name the VM ran under elsewhere)."""
+        try:
+            known = json.loads((self.vm_dir(pinfo) / ORIGINAL).read_text())
+        except (OSError, ValueError):
+            return None
+        vms = self._vms()
+        return next(
+            (v for v in vms if v[1].instanceUuid == known.get("instanceUuid")), None
+        ) or next((v for v in vms if v[1].name == known.get("name")), None)
 
     def remove(self, protection: ProtectionInfo, points: list[PointInfo]) -> None:
         self.mover(protection).stop()
