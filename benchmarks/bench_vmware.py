@@ -1,4 +1,7 @@
-"""Benchmark of the VMware source: a 4 GiB VMDK on the vcsim double replicated to a KVM site.
+"""Benchmark of the VMware plugin: a 4 GiB VMDK on the vcsim double replicated to a KVM site
+(`--to kvm`, the default) or to a second vcsim as the DR site (`--to vmware`: the replica
+written by the data mover onto the DR datastore; then a drill's time, the point converted
+into a flat VMDK and the VM created and started).
 
 The double's VM gets bench_physical's deterministic disk content (half holes, 10% zeros, text
 and random data) in its flat VMDK. `standby replicate` (the CLI, a new process each time) runs
@@ -8,7 +11,7 @@ a plain loop of the same bytes: ranged HTTPS GETs of the same flat file through 
 datastore file service, 8 in flight (standby's read threads), written into a local sparse file
 and fsynced. Standby and the peer take turns, 3 rounds each. See benchmarks/README.md.
 
-    uv run python benchmarks/bench_vmware.py [--size-gib 4] [--workdir DIR] [--keep]
+    uv run python benchmarks/bench_vmware.py [--size-gib 4] [--to kvm|vmware] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -148,9 +151,11 @@ def latest_files(home: Path, vm: str) -> dict[str, Path]:
         state.dispose()
 
 
-def bench(work: Path, size: int, console: Console) -> dict[str, Any]:
+def bench(work: Path, size: int, console: Console, to: str = "kvm") -> dict[str, Any]:
     sim = start_vcsim(work / "vcsim", vms=1, disk_mb=size // MIB)
+    drsim = start_vcsim(work / "vcdr", vms=0) if to == "vmware" else None
     sb = bp.Standby(work, vm="")
+    drill: dict[str, Any] = {}
     try:
         (disk,) = sim.disks(vm := "DC0_C0_RP0_VM0")
         flat, key = Path(disk["file"]), int(disk["deviceKey"])
@@ -159,8 +164,13 @@ def bench(work: Path, size: int, console: Console) -> dict[str, Any]:
         home = Path(sb.env["STANDBY_HOME"])
         write_vc_site(home, sim)
         sb.env = sb.env | {"STANDBY_TEST_VC_PASSWORD": sim.password}
-        dr = ["--set", f'pool_dir="{sb.pool}"', "--set", 'domain_type="qemu"']
-        sb("sites", "add", "dr", "--plugin", "physical", "--set", f'uri="{sb.dr_uri}"', *dr)
+        if drsim is not None:
+            keys = {"datastore": drsim.datastore, "datastore_path": str(drsim.datastore_dir)}
+            write_vc_site(home, drsim, "dr", password_env="STANDBY_TEST_VCDR_PASSWORD", **keys)
+            sb.env = sb.env | {"STANDBY_TEST_VCDR_PASSWORD": drsim.password}
+        else:
+            dr = ["--set", f'pool_dir="{sb.pool}"', "--set", 'domain_type="qemu"']
+            sb("sites", "add", "dr", "--plugin", "physical", "--set", f'uri="{sb.dr_uri}"', *dr)
         sb.vm = vm
         rel = os.path.relpath(flat, Path(sim.datastore_dir))
         peer = Peer(sim, f"/folder/{rel}?dcPath={sim.datacenter}&dsName={sim.datastore}")
@@ -186,14 +196,31 @@ def bench(work: Path, size: int, console: Console) -> dict[str, Any]:
             blocks = [(o, BLOCK) for o, _ in changes]
             peer_inc.append(peer.copy(blocks, work / "peer-inc.raw", size))
         equal_inc = lab.images_equal(flat, latest_files(home, vm)[f"disk{key}"], fmt_a="raw")
+        if drsim is not None:
+            drill = drill_times(sb, vm)
     finally:
         try:
-            destroy_appliances(sb.dr_uri)
+            if drsim is None:
+                destroy_appliances(sb.dr_uri)
         finally:
             sim.stop()
+            if drsim is not None:
+                drsim.stop()
     return figures(work, size, counts, initial, peer_initial, incremental, peer_inc) | {
-        "replica_equals_vmdk": {"after_initial": equal_full, "after_incrementals": equal_inc}
+        "to": to,
+        "replica_equals_vmdk": {"after_initial": equal_full, "after_incrementals": equal_inc},
+        **({"drill": drill} if drill else {}),
     }
+
+
+def drill_times(sb: bp.Standby, vm: str) -> dict[str, Any]:
+    """A test failover at the vSphere DR site and its cleanup, whole commands, timed."""
+    out: dict[str, Any] = {}
+    for name, args in (("failover_test_s", ["failover", vm, "--test"]),
+                       ("cleanup_s", ["failover", "cleanup", vm])):  # fmt: skip
+        wall, _ = bp.timed([sb.exe, *args], sb.env)
+        out[name] = round(wall, 3)
+    return out
 
 
 def _median(runs: list[dict[str, Any]], key: str) -> float:
@@ -239,7 +266,7 @@ def figures(
 def show(r: dict[str, Any], console: Console) -> None:
     cols = ("phase", "standby cycle s", "standby whole command s", "peer s", "x peer (cycle)",
             "x peer (command)")  # fmt: skip
-    t = Table(*cols, title="VMware source (vcsim) -> KVM")
+    t = Table(*cols, title=f"VMware source (vcsim) -> {r.get('to', 'kvm')}")
     for phase in ("initial", "incremental"):
         f = r[phase]
         t.add_row(phase, str(f["standby_cycle_s"]), str(f["standby_wall_s"]), str(f["peer_s"]),
@@ -247,6 +274,8 @@ def show(r: dict[str, Any], console: Console) -> None:
     console.print(t)
     console.print(f"shipped / changed: {r['incremental']['shipped_over_changed']}x; "
                   f"replica equals the VMDK: {r['replica_equals_vmdk']}")  # fmt: skip
+    if r.get("drill"):
+        console.print(f"drill at the vSphere DR site: {r['drill']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size-gib", type=float, default=4.0)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/standby-vmware-bench"))
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--to", choices=("kvm", "vmware"), default="kvm")
     args = p.parse_args(argv)
     console = Console(stderr=True)
     if args.workdir.exists() and any(args.workdir.iterdir()):
@@ -262,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     size = int(args.size_gib * GIB) // MIB * MIB
     try:
-        result = bench(args.workdir, size, console)
+        result = bench(args.workdir, size, console, args.to)
     finally:
         if not args.keep:
             for child in args.workdir.iterdir():

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from doubles.vcsim_proc import Vcsim
 
-from standby.core.errors import ConfigError, NotFound
-from standby.core.model import DiskSpec, NicSpec, PointInfo, ProtectionInfo, VMSpec
+from standby.core.errors import ConfigError, NotFound, TransientError
+from standby.core.model import DiskSpec, Extent, NicSpec, PointInfo, ProtectionInfo, VMSpec
 from standby.core.testing import TargetContract
 from standby.plugins.physical.lab import read_range
 from standby.plugins.vmware.target import VMwareTarget
@@ -105,7 +105,7 @@ class TestVMwareTarget(TargetContract):
             ref = w.commit_point(1)
         result = target.failover(p, _point(1, ref, p), test=True, failover_id=9)
         try:
-            vm, cfg = next((v, c) for v, c in target._vms() if c.name == "kitvm-test")
+            vm, _cfg = next((v, c) for v, c in target._vms() if c.name == "kitvm-test")
             nets = [n.name for n in vm.network]
             assert nets == ["standby-test"]
             host = vm.runtime.host
@@ -145,3 +145,45 @@ class TestVMwareTarget(TargetContract):
         site = vmware_site(vcsim, tmp_path, "dr3", datastore="nope", datastore_path=str(other))
         with pytest.raises(NotFound, match="datastore 'nope' not found"):
             VMwareTarget(site).connect()
+
+
+def test_a_killed_session_is_resumed_by_the_next_one(
+    target: VMwareTarget, vcsim: Vcsim, tmp_path: Path, contract_protection: ProtectionInfo
+) -> None:
+    """standby killed mid-cycle: its data mover still runs and holds the overlay. The next
+    process (another target object) stops it by its pid file and continues the same cycle."""
+    p = contract_protection
+    target.prepare(p)
+    cm = target.open_writer(p, 3, None)
+    w = cm.__enter__()  # never left: the process "dies" here
+    w.write("disk2000", 0, b"\x03" * 65536)
+    w.flush()
+    stale = target.mover(p)._stale_pid()
+    assert stale is not None
+    other = VMwareTarget(target.site)
+    other.connect()
+    try:
+        with other.open_writer(p, 3, None) as again:
+            assert again.read("disk2000", Extent(0, 65536)) == b"\x03" * 65536
+            ref = again.commit_point(3)
+        assert not Path(f"/proc/{stale}").exists() or "Z" in Path(f"/proc/{stale}/stat").read_text()
+        assert read_range(Path(ref["files"]["disk2000"]), 0, 65536) == b"\x03" * 65536
+    finally:
+        other.discard_pending(p, 3)
+        other.remove(p, [])
+        other.close()
+
+
+def test_a_full_datastore_fails_the_write_with_its_name(
+    target: VMwareTarget, contract_protection: ProtectionInfo
+) -> None:
+    from standby.plugins.vmware.target import VMwareWriter
+
+    class Full(OSError):
+        errno = 28
+
+    err = VMwareWriter(target, {}, target.mover(contract_protection), None)._fail(  # type: ignore[arg-type]
+        "disk2000", "write at 0", Full()
+    )
+    assert str(err).startswith("datastore 'LocalDS_0' is full")
+    assert not isinstance(err, TransientError), "a full datastore is not retried"

@@ -417,20 +417,22 @@ class VMwareTarget(Target):
             if test or str(obj.runtime.powerState) != "poweredOff":
                 raise ConfigError(f"a VM named '{name}' already exists at '{self.site.name}'")
         rel = self.failover_rel(protection, fid, test)
+        swapped = False
         try:
             disks = self._convert(point, protection, rel)
             if found is not None:
                 obj = self._swap_disks(found[0], found[1], disks, fid, what)
+                swapped = True  # the original now runs on `rel`: it stays, whatever follows
             else:
                 obj = self._create(protection, name, rel, disks, test, network, size, fid)
             self.step(f"powering on {name}")
             placement.power_on(obj, what, self.opts.task_timeout)
         except BaseException:
             if found is None:
-                self.cleanup_test(protection, {"failover_id": fid, "kind": "test"})
                 with suppress(StandbyError):
                     self._drop_created(fid)
-            shutil.rmtree(self.root() / rel, ignore_errors=True)
+            if not swapped:
+                shutil.rmtree(self.root() / rel, ignore_errors=True)
             raise
         return self._result(protection, point, obj, name, fid, test)
 
