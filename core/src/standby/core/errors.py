@@ -15,6 +15,10 @@ class ConfigError(StandbyError):
     exit_code = 2
 
 
+class RoleNotConfigured(ConfigError):
+    """The site file lacks the keys one role needs (a source-only site used as a target)."""
+
+
 class NotFound(StandbyError):
     """A site, VM, protection, recovery point or plugin that does not exist."""
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from standby.core import config, plugins
-from standby.core.errors import ConfigError, StandbyError
+from standby.core.errors import ConfigError, RoleNotConfigured, StandbyError
 
 from .common import JsonOpt, emit, home, out, size_text, table
 
@@ -127,8 +127,8 @@ def sites_check(name: str, as_json: JsonOpt = False) -> None:
         plugin = cls(site)
         try:
             facts[role] = plugin.check()
-        except StandbyError as exc:
-            if role == "source" or "pool_dir" not in str(exc):
+        except RoleNotConfigured as exc:
+            if role == "source":
                 raise
             facts[role] = [f"not usable as a target: {exc}"]
         finally:

@@ -23,6 +23,7 @@ from standby.core.errors import (
     CapabilityNotSupported,
     ConfigError,
     PluginError,
+    RoleNotConfigured,
     StandbyError,
     TransientError,
 )
@@ -133,7 +134,9 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
 
     def connect(self) -> None:
         if self.opts.pool_dir is None:
-            raise ConfigError(f"{self.site.path}: missing key 'pool_dir' (needed for a target)")
+            raise RoleNotConfigured(
+                f"{self.site.path}: missing key 'pool_dir' (needed for a target)"
+            )
         if not self.opts.is_local():
             raise CapabilityNotSupported(
                 f"site '{self.site.name}': remote libvirt targets are not supported yet; "

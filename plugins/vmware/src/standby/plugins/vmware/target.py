@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from standby.core.config import Site
-from standby.core.errors import ConfigError, NotFound, PluginError, StandbyError, TransientError
+from standby.core.errors import (
+    ConfigError,
+    NotFound,
+    PluginError,
+    RoleNotConfigured,
+    StandbyError,
+    TransientError,
+)
 from standby.core.extents import Intervals, subtract, union
 from standby.core.imagefiles import chain, qcow2
 from standby.core.imagefiles.nbd import NbdPool, nbd_module
@@ -147,7 +154,9 @@ class VMwareTarget(Target):
             return
         for key in ("datastore", "datastore_path"):
             if getattr(self.opts, key) is None:
-                raise ConfigError(f"{self.site.path}: missing key '{key}' (needed for a target)")
+                raise RoleNotConfigured(
+                    f"{self.site.path}: missing key '{key}' (needed for a target)"
+                )
         root = self.root()
         if not root.is_dir():
             raise ConfigError(f"{self.site.path}: datastore_path {root} is not a directory")
