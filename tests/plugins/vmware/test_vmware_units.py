@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 from doubles.certs import make_cert
+from doubles.vcsim_proc import Vcsim
 
 from standby.core.config import Site
 from standby.core.errors import ConfigError
 from standby.plugins.vmware.conn import VMwareOptions, probe
 from standby.plugins.vmware.reader import DatastorePath, vddk_command
+from support.vmware import vmware_site
 
 BASE = {"host": "127.0.0.1", "user": "u", "password": "env:X", "datacenter": "DC0"}
 
@@ -116,3 +118,36 @@ def test_the_vddk_command_keeps_the_password_off_the_command_line() -> None:
             password_file="p",
             sha1_thumbprint="t",
         )
+
+
+def test_multipart_byteranges_are_split_by_their_content_range() -> None:
+    from standby.plugins.vmware.reader import _byteranges
+
+    data = b"--B--\r\n\r\nxx"  # a part's data may hold the boundary and a blank line
+    body = (
+        b"\r\n--B\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes 0-10/100\r\n"
+        b"\r\n" + data + b"\r\n--B\r\nContent-Range: bytes 50-51/100\r\n\r\nyy\r\n--B--\r\n"
+    )
+    assert _byteranges("multipart/byteranges; boundary=B", body) == {0: data, 50: b"yy"}
+    assert _byteranges("application/octet-stream", body) is None
+    assert _byteranges("multipart/byteranges; boundary=B", b"--B\r\nno range\r\n\r\n") is None
+
+
+def test_a_batch_of_blocks_is_one_multi_range_get_on_the_double(
+    vcsim: Vcsim, tmp_path: Path
+) -> None:
+    from standby.plugins.vmware.source import VMwareSource
+
+    src = VMwareSource(vmware_site(vcsim, tmp_path))
+    src.connect()
+    try:
+        vm = src.list_vms()[0]
+        vcsim.write(vm.name, 2000, 3 << 20, bytes(range(256)) * 256)
+        where = DatastorePath.parse(vm.extra["disk2000.file"]).flat()
+        assert src.reader is not None
+        ranges = [(3 << 20, 4096), ((3 << 20) + 8192, 512), (0, 512)]
+        got = src.reader.read_ranges(where, ranges)
+        assert src.reader._multi is True, "the double answers multi-range GETs"
+        assert got == [src.reader.read(where, o, n) for o, n in ranges]
+    finally:
+        src.close()

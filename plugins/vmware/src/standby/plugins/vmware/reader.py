@@ -61,6 +61,7 @@ class HttpFlatReader:
         self._local = threading.local()
         self._all: list[http.client.HTTPSConnection] = []
         self._lock = threading.Lock()
+        self._multi: bool | None = None
 
     def url(self, where: DatastorePath) -> str:
         query = urlencode({"dcPath": self.datacenter, "dsName": where.datastore})
@@ -97,6 +98,49 @@ class HttpFlatReader:
             )
         return body
 
+    def read_ranges(self, where: DatastorePath, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """Several (offset, length) ranges of the file: one multi-range GET where the server
+        answers those with multipart/byteranges (probed once, with two 1-byte ranges, on a
+        connection dropped unread if it does not), else one GET each."""
+        if len(ranges) < 2 or not self._multirange(where):
+            return [self.read(where, o, n) for o, n in ranges]
+        spec = ",".join(f"{o}-{o + n - 1}" for o, n in ranges)
+        status, headers, body = self._request("GET", where, {"Range": f"bytes={spec}"})
+        parts = _byteranges(headers.get("content-type", ""), body) if status == 206 else None
+        if parts is None:
+            raise TransientError(f"datastore file {where}: multi-range GET answered {status}")
+        try:
+            return [parts[o][:n] if len(parts[o]) >= n else b"" for o, n in ranges]
+        except KeyError as exc:
+            raise TransientError(f"datastore file {where}: range at {exc} missing") from None
+
+    def _multirange(self, where: DatastorePath) -> bool:
+        with self._lock:
+            known = self._multi
+        if known is not None:
+            return known
+        ok = False
+        conn = http.client.HTTPSConnection(
+            self.opts.host, self.opts.port, context=self.opts.tls(), timeout=60
+        )
+        try:
+            conn.connect()
+            self.opts.check_peer(conn.sock)
+            headers = {"Cookie": self.cookie, "Range": "bytes=0-0,2-2"}
+            conn.request("GET", self.url(where), headers=headers)
+            resp = conn.getresponse()
+            ctype = resp.getheader("Content-Type") or ""
+            if resp.status == 206 and ctype.startswith("multipart/byteranges"):
+                parts = _byteranges(ctype, resp.read())
+                ok = parts is not None and set(parts) == {0, 2}
+        except (OSError, http.client.HTTPException):
+            ok = False
+        finally:
+            conn.close()  # a server that sent the whole file: dropped, never read
+        with self._lock:
+            self._multi = ok
+        return ok
+
     def _request(
         self, method: str, where: DatastorePath, headers: dict[str, str]
     ) -> tuple[int, dict[str, str], bytes]:
@@ -119,6 +163,33 @@ class HttpFlatReader:
             for conn in self._all:
                 conn.close()
             self._all.clear()
+
+
+_RANGE = re.compile(rb"content-range:\s*bytes\s+(\d+)-(\d+)/", re.IGNORECASE)
+
+
+def _byteranges(content_type: str, body: bytes) -> dict[int, bytes] | None:
+    """The parts of a multipart/byteranges body by start offset (RFC 9110 14.6), each part's
+    length taken from its Content-Range (data may contain the boundary); None if malformed."""
+    m = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not content_type.startswith("multipart/byteranges") or m is None:
+        return None
+    marker = b"--" + m.group(1).encode()
+    out: dict[int, bytes] = {}
+    pos = body.find(marker)
+    while pos >= 0:
+        pos += len(marker)
+        if body[pos : pos + 2] == b"--":
+            return out
+        head_end = body.find(b"\r\n\r\n", pos)
+        found = _RANGE.search(body, pos, head_end) if head_end > 0 else None
+        if found is None:
+            return None
+        start, end = int(found.group(1)), int(found.group(2))
+        data_at = head_end + 4
+        out[start] = body[data_at : data_at + end - start + 1]
+        pos = body.find(marker, data_at + end - start + 1)
+    return None
 
 
 def vddk_command(

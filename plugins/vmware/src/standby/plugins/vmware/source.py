@@ -436,6 +436,15 @@ class VMwareSource(Source):
         assert self.reader is not None
         return self.reader.read(handle.disks[disk].frozen.flat(), extent.offset, extent.length)
 
+    def read_many(self, snapshot: Snapshot, disk: str, extents: list[Extent]) -> list[Buffer]:
+        """The engine's batch of scattered blocks in one multi-range GET (when the datastore
+        file service answers those), instead of a round trip each."""
+        handle: _Handle = snapshot.handle
+        if handle.vddk is not None or self.reader is None:
+            return super().read_many(snapshot, disk, extents)
+        where = handle.disks[disk].frozen.flat()
+        return list(self.reader.read_ranges(where, [(e.offset, e.length) for e in extents]))
+
     def token_valid(self, vm: VMSpec, token: str) -> bool:
         """A changeId stays valid while the disk's change tracking keeps its identity (the part
         before '/'); vSphere itself answers the rest at the next snapshot."""
