@@ -96,3 +96,35 @@ def test_schema_head_constant_matches_alembic() -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     assert ScriptDirectory.from_config(cfg).get_current_head() == SCHEMA_HEAD
+
+
+def test_a_misspelt_key_is_named_with_a_suggestion(tmp_path: Path) -> None:
+    """`url` for `uri`: the unknown key and the one it was meant to be, not only 'missing'."""
+    s = load_site_file(site(tmp_path, 'plugin = "x"\nurl = "qemu:///system"\n'))
+    with pytest.raises(ConfigError, match=r"s1.toml: unknown key 'url' \(did you mean 'uri'\?\)$"):
+        s.options(Opts)
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "typo.toml").write_text("retian = 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'retian' \(did you mean 'retain'\?\)"):
+        load_policy("typo", tmp_path)
+
+
+def test_an_unset_secret_names_the_site_file_and_key_never_the_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Secretive(SiteOptions):
+        uri: str
+        password: SecretRef
+
+    monkeypatch.delenv("SB_NOPE", raising=False)
+    opts = load_site_file(
+        site(tmp_path, 'plugin = "x"\nuri = "a://b"\npassword = "env:SB_NOPE"\n')
+    ).options(Secretive)
+    with pytest.raises(AuthError) as err:
+        opts.secret("password")
+    assert str(err.value) == (
+        f"secret env:SB_NOPE ({tmp_path}/sites/s1.toml: key 'password') is not set in the "
+        "environment"
+    )
+    monkeypatch.setenv("SB_NOPE", "hunter2")
+    assert opts.secret("password") == "hunter2"

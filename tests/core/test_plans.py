@@ -241,3 +241,12 @@ def test_cli_check_asks_the_state_which_vms_are_protected(tmp_path: Path) -> Non
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {path}: VM 'db02'")
     assert "VM 'web01' (group 'web') is not protected" in lines[0] and "'db01'" not in lines[0]
+
+
+def test_a_misspelt_plan_key_is_named_with_a_suggestion(tmp_path: Path) -> None:
+    path = tmp_path / "typo.toml"
+    path.write_text('[[groups]]\nnmae = "db"\nvms = ["x"]\n')
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'groups\[0\]\.nmae' \(did you mean 'name'\?\)"
+    ):
+        load_plan(path)

@@ -30,6 +30,16 @@ def _progress_rows(home: Path) -> int:
         db.close()
 
 
+def _last_point_id(home: Path) -> int:
+    db = sqlite3.connect(home / "state.db")
+    try:
+        return int(db.execute("select coalesce(max(id), 0) from recovery_points").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        db.close()
+
+
 def _compare(env: Lab, vm: str) -> None:
     points = json.loads(env.cli("points", vm, "--json", check=True).stdout)
     assert points
@@ -49,6 +59,7 @@ def test_killed_mid_cycle_resumes_without_a_half_visible_point(labenv: Lab) -> N
     _fill(env, "kill1", 40)
     # 40 MiB at 64 Mbit/s takes ~5 s: long enough to kill the process after a checkpoint.
     env.cli("protect", "kill1", "--from", "src", "--to", "dr", "--bandwidth-mbps", "64", check=True)
+    last_id = _last_point_id(env.home)
     proc = subprocess.Popen(
         [*STANDBY, "replicate", "kill1"],
         env={**os.environ, "STANDBY_HOME": str(env.home)},
@@ -78,7 +89,11 @@ def test_killed_mid_cycle_resumes_without_a_half_visible_point(labenv: Lab) -> N
     done = env.cli("replicate", "kill1", "--json", check=True)
     report = json.loads(done.stdout)[0]
     assert report["resumed"] is True
+    assert report["kind"] == "full", "the initial sync resumed is still the full sync"
+    assert report["point_id"] == last_id + 1, "the killed run used no point id"
     assert report["bytes_read"] < 44 * MiB, "a resumed cycle does not start over"
+    events = json.loads(env.cli("events", "kill1", "--json", check=True).stdout)
+    assert any("(full, crash, resumed)" in e["message"] for e in events), events
     _compare(env, "kill1")
     incremental = json.loads(env.cli("replicate", "kill1", "--json", check=True).stdout)[0]
     assert incremental["kind"] == "incremental" and incremental["bytes_read"] == 0

@@ -121,3 +121,32 @@ def test_cost_estimate_from_the_sample_table(tmp_path: Path) -> None:
     bad.write_text("currency = 'EUR'\n")
     with pytest.raises(ConfigError, match="price table"):
         cost.load_prices(bad)
+
+
+@pytest.mark.parametrize("mib", [1, 256, 4096, 65537, 102403])
+def test_other_tools_read_the_exact_size_of_standby_vhds(tmp_path: Path, mib: int) -> None:
+    """qemu's vpc driver takes the CHS product for creator apps it does not know: the footer's
+    geometry multiplies out to the exact size (or is the maximum, which means current_size)."""
+    import json
+    import subprocess
+
+    size = mib << 20
+    path = tmp_path / "d.vhd"
+    with path.open("wb") as f:
+        f.truncate(size)
+        f.seek(size)
+        f.write(vhd.new_footer(size).pack())
+        f.seek(mib << 19)
+        f.write(b"\x5a" * 4096)
+    info = subprocess.run(
+        ["qemu-img", "info", "-f", "vpc", "--output=json", str(path)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert json.loads(info.stdout)["virtual-size"] == size
+    raw = tmp_path / "d.raw"
+    with raw.open("wb") as f:
+        f.truncate(size)
+        f.seek(mib << 19)
+        f.write(b"\x5a" * 4096)
+    cmp = subprocess.run(["qemu-img", "compare", "-f", "vpc", "-F", "raw", str(path), str(raw)])
+    assert cmp.returncode == 0

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, PrivateAttr, ValidationError
 
 from standby.core.errors import AuthError, ConfigError, NotFound
 
@@ -33,31 +35,33 @@ SecretRef = Annotated[str, BeforeValidator(_check_secret_ref)]
 """A config value that names where a secret lives; literal secrets are refused."""
 
 
-def resolve_secret(ref: str) -> str:
-    """Resolve a secret reference; the error names the reference, never the value."""
+def resolve_secret(ref: str, where: str | None = None) -> str:
+    """Resolve a secret reference; the error names the reference and `where` it is written
+    (a site file and key), never the value."""
     m = SECRET_RE.match(ref)
+    at = f" ({where})" if where else ""
     if not m:
-        raise ConfigError("secret must be a reference (env:, file:, keyring:)")
+        raise ConfigError(f"secret{at} must be a reference (env:, file:, keyring:)")
     scheme, rest = m.group(1), m.group(2)
     if scheme == "env":
         value = os.environ.get(rest)
         if value is None:
-            raise AuthError(f"secret {ref} is not set in the environment")
+            raise AuthError(f"secret {ref}{at} is not set in the environment")
         return value
     if scheme == "file":
         try:
             return Path(rest).expanduser().read_text().strip()
         except OSError as exc:
-            raise AuthError(f"secret {ref} cannot be read: {exc.strerror}") from exc
+            raise AuthError(f"secret {ref}{at} cannot be read: {exc.strerror}") from exc
     service, _, user = rest.partition("/")
     try:
         import keyring
 
         value = keyring.get_password(service, user)
     except Exception as exc:  # keyring backends raise their own types
-        raise AuthError(f"secret {ref}: keyring unavailable ({type(exc).__name__})") from exc
+        raise AuthError(f"secret {ref}{at}: keyring unavailable ({type(exc).__name__})") from exc
     if value is None:
-        raise AuthError(f"secret {ref} is not in the keyring")
+        raise AuthError(f"secret {ref}{at} is not in the keyring")
     return str(value)
 
 
@@ -65,6 +69,15 @@ class SiteOptions(BaseModel):
     """Base of every plugin's site model: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    _origin: str = PrivateAttr(default="site file")
+
+    def secret(self, key: str) -> str:
+        """Resolve the secret reference at `key` (dotted for a table: `credential.token`);
+        an error names the site file and the key."""
+        value: Any = self
+        for part in key.split("."):
+            value = getattr(value, part)
+        return resolve_secret(str(value), f"{self._origin}: key '{key}'")
 
 
 _O = TypeVar("_O", bound=SiteOptions)
@@ -82,14 +95,45 @@ class Site:
     def options(self, model: type[_O]) -> _O:
         """Validate the vendor-specific keys into the plugin's model (one-line errors)."""
         try:
-            return model.model_validate(self.raw)
+            opts = model.model_validate(self.raw)
         except ValidationError as exc:
             raise ConfigError(f"{self.path}: {_first_error(exc)}") from None
+        opts._origin = str(self.path)
+        return opts
+
+
+def suggest(key: str, known: Iterable[str]) -> str:
+    """` (did you mean 'uri'?)` for a key close to one of `known`, else ''."""
+    near = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" (did you mean '{near[0]}'?)" if near else ""
+
+
+def _dotted(loc: Iterable[object]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def first_error(exc: ValidationError, loc: Callable[[Any], str] = _dotted) -> str | None:
+    """A misspelt key as one line, `unknown key 'url' (did you mean 'uri'?)`: an unknown key
+    close to a key the same table misses; None when there is none."""
+    errors = exc.errors()
+    missing = {tuple(e["loc"]) for e in errors if e["type"] == "missing"}
+    for err in errors:
+        if err["type"] != "extra_forbidden":
+            continue
+        where, name = tuple(err["loc"][:-1]), str(err["loc"][-1])
+        wanted = [str(m[-1]) for m in missing if m[:-1] == where]
+        hint = suggest(name, wanted)
+        if hint:
+            return f"unknown key '{loc(err['loc'])}'{hint}"
+    return None
 
 
 def _first_error(exc: ValidationError) -> str:
+    found = first_error(exc)
+    if found:
+        return found
     err = exc.errors()[0]
-    key = ".".join(str(p) for p in err["loc"]) or "(file)"
+    key = _dotted(err["loc"]) or "(file)"
     kind = err["type"]
     if kind == "extra_forbidden":
         return f"unknown key '{key}'"
@@ -179,7 +223,7 @@ class Policy(BaseModel):
         out: dict[str, Any] = {}
         for key, value in data.items():
             if key not in mapping:
-                raise ConfigError(f"{where}: unknown key '{key}'")
+                raise ConfigError(f"{where}: unknown key '{key}'{suggest(key, mapping)}")
             if key in ("rpo", "retain_age", "app_consistent_every", "shutdown_timeout"):
                 value = parse_duration(value, f"{where}: key '{key}'")
             out[mapping[key]] = value

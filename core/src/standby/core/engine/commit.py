@@ -94,7 +94,8 @@ def make_visible(
         state.log(
             s,
             "point",
-            f"{pinfo.vm.name}: recovery point {point.id} ({c.kind}, {c.consistency}) "
+            f"{pinfo.vm.name}: recovery point {point.id} ({c.kind}, {c.consistency}"
+            f"{', resumed' if c.resumed else ''}) "
             f"written {c.bytes_written} bytes",
             pinfo.id,
             cycle=c.id,

@@ -267,7 +267,10 @@ class CycleRun:
         with self.ctx.state.session() as s:
             c = s.get(Cycle, cycle_id)
             assert c is not None
-            c.kind = cycle_kind(jobs)
+            # A resumed cycle keeps the kind its first run planned: an initial sync resumed
+            # reads only what changed since its first snapshot, but it is the full sync.
+            if not (c.resumed and c.kind):
+                c.kind = cycle_kind(jobs)
             c.bytes_planned = planned_bytes(jobs)
 
     def _copy_and_verify(

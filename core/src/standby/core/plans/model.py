@@ -20,7 +20,7 @@ from pydantic import (
     ValidationError,
 )
 
-from standby.core.config import parse_duration
+from standby.core.config import first_error, parse_duration
 from standby.core.errors import ConfigError
 
 RUN_KINDS = ("test", "planned", "unplanned", "drill", "commit", "reprotect", "failback", "cleanup")
@@ -146,7 +146,10 @@ def _loc(parts: Iterable[int | str]) -> str:
 
 
 def _plan_error(exc: ValidationError) -> str:
-    """The first validation problem as one line naming the key."""
+    """The first validation problem as one line naming the key (a misspelt one first)."""
+    misspelt = first_error(exc, _loc)
+    if misspelt:
+        return misspelt
     err = exc.errors()[0]
     key = _loc(err["loc"])
     kind = err["type"]

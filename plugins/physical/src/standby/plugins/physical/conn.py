@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlparse
 
 from pydantic import Field, field_validator
 
-from standby.core.config import SecretRef, Site, SiteOptions, resolve_secret
+from standby.core.config import SecretRef, Site, SiteOptions
 from standby.core.errors import (
     AuthError,
     Busy,
@@ -162,7 +162,7 @@ def open_connection(site: Site, opts: PhysicalOptions) -> Any:
         _start_event_loop()
         if opts.password is None and opts.username is None:
             return libvirt.open(opts.uri)
-        password = resolve_secret(opts.password) if opts.password else ""
+        password = opts.secret("password") if opts.password else ""
 
         def creds(items: list[list[Any]], _data: object) -> int:
             for item in items:

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from standby.core.config import SecretRef, SiteOptions, resolve_secret
+from standby.core.config import SecretRef, SiteOptions
 from standby.core.errors import (
     AuthError,
     ConfigError,
@@ -138,7 +138,7 @@ def connect(opts: VMwareOptions) -> Any:
             host=opts.host,
             port=opts.port,
             user=opts.user,
-            pwd=resolve_secret(opts.password),
+            pwd=opts.secret("password"),
             **kwargs,
         )
     except vim.fault.InvalidLogin:

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
-from standby.core.config import Site, resolve_secret
+from standby.core.config import Site
 from standby.core.errors import (
     CapabilityNotSupported,
     NotFound,
@@ -345,7 +345,7 @@ class VMwareSource(Source):
         secret = work / "password"
         fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(resolve_secret(self.opts.password))
+            f.write(self.opts.secret("password"))
         sha1 = conn.peer_sha1(self.opts)
         vddk = VddkReader()
         stack.callback(vddk.close)

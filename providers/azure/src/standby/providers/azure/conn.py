@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from standby.core.config import SecretRef, SiteOptions, resolve_secret
+from standby.core.config import SecretRef, SiteOptions
 from standby.core.errors import (
     AuthError,
     ConfigError,
@@ -136,7 +136,7 @@ def make_credential(opts: AzureOptions) -> Any:
     if c.kind == "token":
         if not c.token:
             raise ConfigError("credential kind 'token' needs key 'credential.token'")
-        return StaticToken(resolve_secret(c.token))
+        return StaticToken(opts.secret("credential.token"))
     from azure import identity
 
     transport: dict[str, Any] = {"connection_verify": verify} if verify is not True else {}
@@ -151,7 +151,7 @@ def make_credential(opts: AzureOptions) -> Any:
         if c.authority:
             extra.update(authority=c.authority, disable_instance_discovery=True)
         return identity.ClientSecretCredential(
-            c.tenant_id, c.client_id, resolve_secret(c.client_secret), **extra
+            c.tenant_id, c.client_id, opts.secret("credential.client_secret"), **extra
         )
     if c.kind == "managed_identity":
         return identity.ManagedIdentityCredential(client_id=c.client_id, **transport)
@@ -283,11 +283,10 @@ class AzureClients:
         """The replicas' container client (account key when given, else the AAD credential)."""
         from azure.storage.blob import BlobServiceClient
 
-        cred: Any = (
-            {"account_name": self.opts.account_name, "account_key": resolve_secret(key)}
-            if (key := self.opts.storage_key)
-            else self.credential
-        )
+        cred: Any = self.credential
+        if self.opts.storage_key:
+            key = self.opts.secret("storage_key")
+            cred = {"account_name": self.opts.account_name, "account_key": key}
         service = BlobServiceClient(
             self.opts.blob_endpoint,
             credential=cred,

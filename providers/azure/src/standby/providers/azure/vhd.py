@@ -53,6 +53,31 @@ def geometry(size: int) -> tuple[int, int, int]:
     return cth // heads, heads, spt
 
 
+MAX_CHS = (65535, 16, 255)
+
+
+def footer_geometry(size: int) -> tuple[int, int, int]:
+    """The geometry written in the footer: one whose product is exactly the disk's sectors.
+
+    Tools disagree on a VHD's size: Hyper-V and Azure read `current_size`, while QEMU's vpc
+    driver reads the CHS product for creator applications it does not know (QEMU 7.2 takes
+    `current_size` only from 'win ', 'qem2', 'd2v ', 'CTXS' and 'tap', or when the geometry
+    is the maximum 65535/16/255). The spec's CHS algorithm rounds down (a 256 MiB disk read
+    as 64 KiB short), so standby writes the spec's geometry when it is exact, else an exact
+    factorisation (heads <= 16, sectors <= 255, cylinders <= 65535), else the maximum
+    geometry: every common tool then reads the exact size."""
+    sectors = size // SECTOR
+    spec = geometry(size)
+    if spec[0] * spec[1] * spec[2] == sectors:
+        return spec
+    for heads in range(16, 0, -1):
+        for spt in range(63, 256):
+            cyl, rest = divmod(sectors, heads * spt)
+            if not rest and cyl <= 65535:
+                return cyl, heads, spt
+    return MAX_CHS
+
+
 def checksum(footer: bytes) -> int:
     """One's complement of the byte sum, with the checksum field taken as zero."""
     return ~(sum(footer[:64]) + sum(footer[68:])) & 0xFFFFFFFF
@@ -68,7 +93,7 @@ class Footer:
     disk_type: int = FIXED
 
     def pack(self) -> bytes:
-        cyl, heads, spt = geometry(self.size)
+        cyl, heads, spt = footer_geometry(self.size)
         raw = _LAYOUT.pack(
             COOKIE,
             2,  # features: reserved bit always set
