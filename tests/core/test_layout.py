@@ -12,7 +12,7 @@ from pathlib import Path
 CORE = Path(__file__).resolve().parents[2] / "core" / "src" / "standby" / "core"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "model", "config", "extents", "locks"),
+    ("errors", "model", "config", "extents", "locks", "tlspin"),
     ("interfaces", "plugins", "testing", "imagefiles"),
     ("state",),
     ("engine",),

@@ -183,7 +183,8 @@ class WinRMDouble:
 
     def _user_file(self) -> Path:
         path = self.cert.parent / "ntlm-users"
-        path.write_text(f":{self.user}:{self.password}\n")
+        domain, _, name = self.user.rpartition("\\")  # DOMAIN\user, or a bare user
+        path.write_text(f"{domain}:{name}:{self.password}\n")
         return path
 
     def _authorized(self, header: str) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import socket
 import ssl
 import time
 from collections.abc import Iterator
@@ -13,10 +12,10 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from standby.core import tlspin
 from standby.core.config import SecretRef, SiteOptions
 from standby.core.errors import (
     AuthError,
-    ConfigError,
     NotFound,
     PluginError,
     StandbyError,
@@ -65,63 +64,28 @@ class VMwareOptions(SiteOptions):
     @field_validator("thumbprint")
     @classmethod
     def _sha256(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        hexed = value.replace(":", "").lower()
-        if len(hexed) != 64 or any(c not in "0123456789abcdef" for c in hexed):
-            raise ValueError("thumbprint must be the certificate's SHA-256 (64 hex digits)")
-        return hexed
+        return None if value is None else tlspin.sha256_hex(value)
 
     def tls(self) -> ssl.SSLContext:
-        """The TLS context: the CA file's chain, or (thumbprint) no chain but a pinned key.
-
-        With a thumbprint the chain is not checked (a self-signed vCenter) and every
-        connection is refused unless the peer's certificate hashes to it (`check_peer`)."""
-        if self.thumbprint is None:
-            return ssl.create_default_context(cafile=self.ca_file)
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        return ctx
+        """The TLS context: the CA file's chain, or (thumbprint) no chain but a pinned key
+        that every connection checks (`check_peer`)."""
+        return tlspin.client_context(self.thumbprint, self.ca_file)
 
     def check_peer(self, sock: ssl.SSLSocket) -> None:
         """Refuse a connection whose certificate is not the pinned one (names both)."""
-        if self.thumbprint is None:
-            return
         der = sock.getpeercert(binary_form=True) or b""
-        seen = hashlib.sha256(der).hexdigest()
-        if seen != self.thumbprint:
-            raise ConfigError(
-                f"vCenter {self.host}:{self.port} certificate does not match the pinned "
-                f"thumbprint: expected {_colons(self.thumbprint)}, seen {_colons(seen)}"
-            )
-
-
-def _colons(hexed: str) -> str:
-    return ":".join(hexed[i : i + 2] for i in range(0, len(hexed), 2)).upper()
+        tlspin.check_pin(der, self.thumbprint, f"vCenter {self.host}:{self.port}")
 
 
 def probe(opts: VMwareOptions) -> bytes:
     """Check the pinned identity before any credential is sent; the peer's certificate (DER)."""
-    try:
-        with (
-            socket.create_connection((opts.host, opts.port), timeout=30) as raw,
-            opts.tls().wrap_socket(raw, server_hostname=opts.host) as tls_sock,
-        ):
-            opts.check_peer(tls_sock)
-            return tls_sock.getpeercert(binary_form=True) or b""
-    except ssl.SSLCertVerificationError as exc:
-        raise ConfigError(
-            f"vCenter {opts.host}:{opts.port}: certificate not trusted ({exc.verify_message}); "
-            "set ca_file, or pin it with thumbprint"
-        ) from None
-    except OSError as exc:
-        raise TransientError(f"vCenter {opts.host}:{opts.port}: {exc}") from exc
+    what = f"vCenter {opts.host}:{opts.port}"
+    return tlspin.probe(opts.host, opts.port, opts.thumbprint, opts.ca_file, what)
 
 
 def peer_sha1(opts: VMwareOptions) -> str:
     """The vCenter certificate's SHA-1 thumbprint (what VDDK pins), after the real check."""
-    return _colons(hashlib.sha1(probe(opts)).hexdigest())
+    return tlspin.colons(hashlib.sha1(probe(opts)).hexdigest())
 
 
 def connect(opts: VMwareOptions) -> Any:

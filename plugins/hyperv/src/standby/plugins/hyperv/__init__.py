@@ -1,0 +1,1 @@
+"""standby-hyperv: Hyper-V hosts over WinRM (PowerShell, JSON answers)."""

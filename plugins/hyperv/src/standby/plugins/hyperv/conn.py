@@ -1,0 +1,120 @@
+"""A Hyper-V site: its keys, verified TLS to the WinRM listener, and PowerShell with JSON.
+
+Every script runs with `$ErrorActionPreference = 'Stop'` and ends in `ConvertTo-Json`, so the
+answer is parsed, not scraped; a PowerShell error becomes one line carrying the cmdlet's own
+message (`Get-VM : Hyper-V was unable to find a virtual machine with name "x".`). Each call
+is one WinRM round trip (shell, command, receive, delete), counted in `round_trips`.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from standby.core import tlspin
+from standby.core.config import SecretRef, SiteOptions
+from standby.core.errors import AuthError, ConfigError, NotFound, PluginError, TransientError
+
+NOT_FOUND = ("unable to find", "was not found", "cannot find", "ObjectNotFound")
+
+
+class HyperVOptions(SiteOptions):
+    """Keys of a `plugin = "hyperv"` site file."""
+
+    host: str
+    port: int = Field(default=5986, ge=1, le=65535)
+    user: str
+    password: SecretRef
+    transport: Literal["ntlm", "kerberos", "basic"] = "ntlm"
+    """`ntlm` (messages also sealed by WinRM's own encryption) or `kerberos`; `basic` sends
+    the password in each request, so it is only ever used over the verified HTTPS here."""
+    ca_file: str | None = None
+    thumbprint: str | None = None
+    """SHA-256 of the listener's certificate, for a self-signed one."""
+    operation_timeout: int = Field(default=120, ge=5)
+
+    @field_validator("thumbprint")
+    @classmethod
+    def _sha256(cls, value: str | None) -> str | None:
+        return None if value is None else tlspin.sha256_hex(value)
+
+
+class PowerShell:
+    """PowerShell on one Hyper-V host through pywinrm, answers as JSON."""
+
+    def __init__(self, opts: HyperVOptions) -> None:
+        self.opts = opts
+        self.round_trips = 0
+        self._session: Any = None
+
+    @property
+    def what(self) -> str:
+        return f"Hyper-V host {self.opts.host}:{self.opts.port}"
+
+    def _connect(self) -> Any:
+        import winrm
+
+        o = self.opts
+        der = tlspin.probe(o.host, o.port, o.thumbprint, o.ca_file, self.what)
+        trust = o.ca_file
+        if o.thumbprint:  # requests verifies against a CA file: make the pinned cert that file
+            trust = str(tlspin.pinned_ca_file(der, Path(tempfile.gettempdir()) / "standby-tls"))
+        return winrm.Session(
+            f"https://{o.host}:{o.port}/wsman",
+            auth=(o.user, o.secret("password")),
+            transport=o.transport,
+            message_encryption="always" if o.transport == "ntlm" else "auto",
+            server_cert_validation="validate",
+            ca_trust_path=trust or "legacy_requests",
+            operation_timeout_sec=o.operation_timeout,
+            read_timeout_sec=o.operation_timeout + 10,
+        )
+
+    def run(self, script: str, depth: int = 6) -> Any:
+        """Run `script` (its output piped to ConvertTo-Json); the parsed answer (None when
+        the script printed nothing)."""
+        import requests
+        from winrm.exceptions import InvalidCredentialsError, WinRMError
+
+        if self._session is None:
+            self._session = self._connect()
+        full = (
+            "$ErrorActionPreference = 'Stop'\n$ProgressPreference = 'SilentlyContinue'\n"
+            f"& {{\n{script}\n}} | ConvertTo-Json -Depth {depth} -Compress"
+        )
+        self.round_trips += 1
+        try:
+            result = self._session.run_ps(full)
+        except InvalidCredentialsError:
+            raise AuthError(f"{self.what}: login failed for user '{self.opts.user}'") from None
+        except requests.exceptions.SSLError as exc:
+            raise ConfigError(f"{self.what}: TLS refused ({exc.__class__.__name__})") from None
+        except (requests.exceptions.RequestException, WinRMError, OSError) as exc:
+            raise TransientError(f"{self.what}: {exc}") from exc
+        if result.status_code != 0:
+            raise _ps_error(self.what, result.std_err.decode(errors="replace"))
+        text = result.std_out.decode("utf-8-sig", errors="replace").strip()
+        if not text:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise PluginError(f"{self.what}: an answer that is not JSON: {text[:80]!r}") from None
+
+
+def _ps_error(what: str, stderr: str) -> PluginError | NotFound:
+    """The first line of a PowerShell error (the cmdlet and its message)."""
+    line = next((ln.strip() for ln in stderr.splitlines() if ln.strip()), "PowerShell failed")
+    cls = NotFound if any(k in line for k in NOT_FOUND) else PluginError
+    return cls(f"{what}: {line}")
+
+
+def as_list(value: Any) -> list[Any]:
+    """ConvertTo-Json writes one object bare and several as an array: always a list."""
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
