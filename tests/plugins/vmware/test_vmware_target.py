@@ -182,7 +182,7 @@ def test_a_full_datastore_fails_the_write_with_its_name(
     class Full(OSError):
         errno = 28
 
-    err = VMwareWriter(target, {}, target.mover(contract_protection), None)._fail(  # type: ignore[arg-type]
+    err = VMwareWriter(target, {}, target.mover(contract_protection), None, 1).failed(  # type: ignore[arg-type]
         "disk2000", "write at 0", Full()
     )
     assert str(err).startswith("datastore 'LocalDS_0' is full")

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from standby.core.errors import PluginError
-from standby.core.model import PointInfo
+from standby.core.model import DiskSpec, PointInfo
 
 
 def qemu_img(*args: str) -> None:
@@ -45,6 +45,20 @@ def ensure_overlay(path: Path, size: int, backing: str | None, backing_format: s
         tmp.rename(path)
     elif virtual_size(path) < size:
         qemu_img("resize", "-q", "-f", "qcow2", str(path), str(size))
+
+
+def cycle_overlays(
+    disks: Iterable[DiskSpec], base: PointInfo | None, path_of: Callable[[str], Path]
+) -> dict[str, Path]:
+    """Each disk's overlay for a cycle (`path_of(disk name)`), made over `base`'s file for
+    that disk (or grown to the disk's size when it exists: a resumed cycle)."""
+    base_files: dict[str, str] = dict(base.ref.get("files", {})) if base else {}
+    files: dict[str, Path] = {}
+    for disk in disks:
+        path = path_of(disk.name)
+        ensure_overlay(path, disk.size, base_files.get(disk.name), base_format(base, disk.name))
+        files[disk.name] = path
+    return files
 
 
 def base_format(base: PointInfo | None, disk: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -25,14 +24,12 @@ from standby.core.errors import (
     PluginError,
     RoleNotConfigured,
     StandbyError,
-    TransientError,
 )
-from standby.core.extents import Intervals, subtract, union
-from standby.core.imagefiles import chain, qcow2
-from standby.core.imagefiles.nbd import NbdPool, nbd_module
-from standby.core.interfaces import Buffer, ReplicaWriter, Target, TargetCapabilities
+from standby.core.imagefiles import chain
+from standby.core.imagefiles.nbd import NbdPool
+from standby.core.imagefiles.writer import OverlayWriter
+from standby.core.interfaces import ReplicaWriter, Target, TargetCapabilities
 from standby.core.model import (
-    Extent,
     FailoverResult,
     Firmware,
     PointInfo,
@@ -47,7 +44,7 @@ QCOW2_MAX = 64 << 40  # 64 TiB: what this target accepts per disk
 TEST_NETWORK = "standby-test"
 
 
-class PhysicalWriter(ReplicaWriter):
+class PhysicalWriter(OverlayWriter):
     """Writes one cycle's overlays through the appliance's NBD exports."""
 
     def __init__(
@@ -59,57 +56,17 @@ class PhysicalWriter(ReplicaWriter):
         dom: Any,
         pool: NbdPool,
     ) -> None:
+        super().__init__(files, pool, cycle_id)
         self.target = target
         self.pinfo = pinfo
-        self.cycle_id = cycle_id
-        self.files = files
         self.dom = dom
-        self.pool = pool
-        self.committed = False
-        self._lock = threading.Lock()
-
-    def _h(self, disk: str) -> Any:
-        return self.pool.handle(disk)
-
-    def write(self, disk: str, offset: int, data: Buffer) -> None:
-        nbd = nbd_module()
-        try:
-            self._h(disk).pwrite(data, offset)
-        except nbd.Error as exc:
-            raise TransientError(
-                f"replica of disk '{disk}': write at {offset} failed: {exc}"
-            ) from exc
-
-    def write_zeroes(self, disk: str, extent: Extent) -> None:
-        nbd = nbd_module()
-        try:
-            self._h(disk).zero(extent.length, extent.offset)
-        except nbd.Error as exc:
-            raise TransientError(f"replica of disk '{disk}': zeroing failed: {exc}") from exc
-
-    def read(self, disk: str, extent: Extent) -> Buffer:
-        nbd = nbd_module()
-        try:
-            return self._h(disk).pread(extent.length, extent.offset)  # type: ignore[no-any-return]
-        except nbd.Error as exc:
-            raise TransientError(f"replica of disk '{disk}': read-back failed: {exc}") from exc
-
-    def flush(self) -> None:
-        self.pool.flush()
-
-    def unproven(self, disk: str, written: Intervals, planned: Intervals) -> Intervals:
-        """The cycle's overlay is a fresh qcow2: the clusters allocated in it are exactly what
-        the appliance wrote (its L2 tables, read from the file after the flush). Writes that
-        are not there, and clusters outside the plan, are what a read-back must check."""
-        held = qcow2.allocated(self.files[disk])
-        return union(subtract(written, held), subtract(held, planned))
 
     def commit_point(self, point_id: int, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
         if not self.committed:
             self.pool.flush()
             self.target._stop_appliance(self.pinfo, self.dom, self.pool)
             self.committed = True
-        return {"files": {d: str(p) for d, p in self.files.items()}, "cycle": self.cycle_id}
+        return self.ref()
 
 
 class PhysicalTarget(lv.LibvirtPlugin, Target):
@@ -309,13 +266,9 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
     ) -> Iterator[ReplicaWriter]:
         self._dirs(protection)
         dom, sock = self._appliance(protection)
-        files: dict[str, Path] = {}
-        base_files: dict[str, str] = dict(base.ref.get("files", {})) if base else {}
-        for disk in protection.vm.disks:
-            path = self.cycle_file(protection, disk.name, cycle_id)
-            backing = base_files.get(disk.name)
-            chain.ensure_overlay(path, disk.size, backing, chain.base_format(base, disk.name))
-            files[disk.name] = path
+        files = chain.cycle_overlays(
+            protection.vm.disks, base, lambda d: self.cycle_file(protection, d, cycle_id)
+        )
         pool = NbdPool(sock, writable=True)
         writer = PhysicalWriter(self, protection, cycle_id, files, dom, pool)
         try:

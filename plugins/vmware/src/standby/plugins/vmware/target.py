@@ -32,14 +32,12 @@ from standby.core.errors import (
     PluginError,
     RoleNotConfigured,
     StandbyError,
-    TransientError,
 )
-from standby.core.extents import Intervals, subtract, union
-from standby.core.imagefiles import chain, qcow2
-from standby.core.imagefiles.nbd import NbdPool, nbd_module
-from standby.core.interfaces import Buffer, ReplicaWriter, Target, TargetCapabilities
+from standby.core.imagefiles import chain
+from standby.core.imagefiles.nbd import NbdPool
+from standby.core.imagefiles.writer import OverlayWriter
+from standby.core.interfaces import ReplicaWriter, Target, TargetCapabilities
 from standby.core.model import (
-    Extent,
     FailoverResult,
     Firmware,
     PointInfo,
@@ -62,49 +60,27 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60]
 
 
-class VMwareWriter(ReplicaWriter):
+class VMwareWriter(OverlayWriter):
     """Writes one cycle's overlays through the data mover's NBD exports."""
 
     def __init__(
-        self, target: VMwareTarget, files: dict[str, Path], mover: Mover, pool: NbdPool
+        self,
+        target: VMwareTarget,
+        files: dict[str, Path],
+        mover: Mover,
+        pool: NbdPool,
+        cycle_id: int,
     ) -> None:
-        self.target, self.files, self.mover, self.pool = target, files, mover, pool
-        self.cycle_id = 0
-        self.committed = False
+        super().__init__(files, pool, cycle_id)
+        self.target, self.mover = target, mover
 
-    def _fail(self, disk: str, what: str, exc: Exception) -> StandbyError:
+    def failed(self, disk: str, what: str, exc: Exception) -> StandbyError:
         if getattr(exc, "errno", None) == errno.ENOSPC:
             return PluginError(
                 f"datastore '{self.target.opts.datastore}' is full: the replica of disk "
                 f"'{disk}' cannot grow ({what})"
             )
-        return TransientError(f"replica of disk '{disk}': {what} failed: {exc}")
-
-    def write(self, disk: str, offset: int, data: Buffer) -> None:
-        try:
-            self.pool.handle(disk).pwrite(data, offset)
-        except nbd_module().Error as exc:
-            raise self._fail(disk, f"write at {offset}", exc) from exc
-
-    def write_zeroes(self, disk: str, extent: Extent) -> None:
-        try:
-            self.pool.handle(disk).zero(extent.length, extent.offset)
-        except nbd_module().Error as exc:
-            raise self._fail(disk, "zeroing", exc) from exc
-
-    def read(self, disk: str, extent: Extent) -> Buffer:
-        try:
-            return self.pool.handle(disk).pread(extent.length, extent.offset)  # type: ignore[no-any-return]
-        except nbd_module().Error as exc:
-            raise self._fail(disk, "read-back", exc) from exc
-
-    def flush(self) -> None:
-        self.pool.flush()
-
-    def unproven(self, disk: str, written: Intervals, planned: Intervals) -> Intervals:
-        """The cycle's overlay is a fresh qcow2: its L2 tables name what the mover wrote."""
-        held = qcow2.allocated(self.files[disk])
-        return union(subtract(written, held), subtract(held, planned))
+        return super().failed(disk, what, exc)
 
     def commit_point(self, point_id: int, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
         if not self.committed:
@@ -112,7 +88,7 @@ class VMwareWriter(ReplicaWriter):
             self.pool.close()
             self.mover.stop()
             self.committed = True
-        return {"files": {d: str(p) for d, p in self.files.items()}, "cycle": self.cycle_id}
+        return self.ref()
 
 
 class VMwareTarget(Target):
@@ -304,18 +280,13 @@ class VMwareTarget(Target):
         self, protection: ProtectionInfo, cycle_id: int, base: PointInfo | None
     ) -> Iterator[ReplicaWriter]:
         self.prepare(protection)
-        files: dict[str, Path] = {}
-        base_files: dict[str, str] = dict(base.ref.get("files", {})) if base else {}
-        for disk in protection.vm.disks:
-            path = self.cycle_file(protection, disk.name, cycle_id)
-            backing = base_files.get(disk.name)
-            chain.ensure_overlay(path, disk.size, backing, chain.base_format(base, disk.name))
-            files[disk.name] = path
+        files = chain.cycle_overlays(
+            protection.vm.disks, base, lambda d: self.cycle_file(protection, d, cycle_id)
+        )
         mover = self.mover(protection)
         mover.start(files)
         pool = NbdPool(mover.sock, writable=True)
-        writer = VMwareWriter(self, files, mover, pool)
-        writer.cycle_id = cycle_id
+        writer = VMwareWriter(self, files, mover, pool, cycle_id)
         try:
             yield writer
         finally:
