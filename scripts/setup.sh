@@ -32,7 +32,7 @@ fi
 # Bytecode is compiled here because PYTHONDONTWRITEBYTECODE may be set: without .pyc files
 # every CLI call would spend over a second compiling its imports.
 uv sync -q --all-packages --compile-bytecode
-.venv/bin/python -m compileall -q core/src plugins/physical/src plugins/vmware/src providers/azure/src >/dev/null
+.venv/bin/python -m compileall -q core/src plugins/physical/src plugins/vmware/src plugins/hyperv/src providers/azure/src >/dev/null
 
 # Azurite (the Azure storage double), pinned by tests/doubles/azurite/package-lock.json.
 if ! command -v npm >/dev/null 2>&1; then

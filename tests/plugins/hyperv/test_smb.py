@@ -1,0 +1,53 @@
+"""VHDX files read over SMB from Samba (the Hyper-V data path), judged by qemu-img."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from doubles.samba import Samba, start_samba
+
+from standby.core.errors import AuthError, NotFound
+from standby.plugins.hyperv.smb import SmbFile
+from standby.plugins.hyperv.vhdx import VhdxReader
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def samba(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Samba]:
+    base = tmp_path_factory.mktemp("samba")
+    server = start_samba(base / "smb", base / "share")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_vhdx_reads_over_smb_as_qemu_reads_it(samba: Samba, tmp_path: Path) -> None:
+    disk = samba.path / "web01" / "disk0.vhdx"
+    disk.parent.mkdir(parents=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vhdx", "-o", "block_size=1M",
+                    str(disk), "12M"], check=True)  # fmt: skip
+    subprocess.run(["qemu-io", "-f", "vhdx", "-c", f"write -P 0x3c {5 * MiB} {3 * MiB}",
+                    str(disk)], check=True, capture_output=True)  # fmt: skip
+    raw = tmp_path / "d.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "vhdx", "-O", "raw", str(disk), str(raw)],
+                   check=True)  # fmt: skip
+    src = SmbFile("127.0.0.1", samba.share, "web01\\disk0.vhdx", samba.user, samba.password,
+                  port=samba.port)  # fmt: skip
+    try:
+        r = VhdxReader(src, src.where)
+        assert list(r.allocated()) == [(5 * MiB, 8 * MiB)]
+        assert r.read(0, r.size) == raw.read_bytes()
+    finally:
+        src.close()
+
+
+def test_smb_errors_are_one_line(samba: Samba) -> None:
+    with pytest.raises(AuthError, match="login failed for user 'root'"):
+        SmbFile("127.0.0.1", samba.share, "x.vhdx", "root", "wrong", port=samba.port)
+    with pytest.raises(NotFound, match=r"nope\.vhdx not found"):
+        SmbFile("127.0.0.1", samba.share, "nope.vhdx", samba.user, samba.password, port=samba.port)
