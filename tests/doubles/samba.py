@@ -66,9 +66,12 @@ def start_samba(workdir: Path, share_dir: Path, password: str = "Sm8-pass!") -> 
         ["smbpasswd", "-c", str(conf), "-a", "-s", "root"],
         input=f"{password}\n{password}\n".encode(), check=True, capture_output=True,
     )  # fmt: skip
+    # Its own session: smbd signals its whole process group when it stops, which would
+    # otherwise be the test run's.
     proc = subprocess.Popen(
         ["smbd", "--foreground", "--no-process-group", "-s", str(conf)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )  # fmt: skip
     deadline = time.monotonic() + 20
     while True:
