@@ -13,6 +13,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from doubles.procs import kill_pid, stop_pid
+
 ACCOUNT = "devstoreaccount1"
 #: The documented, public Azurite development account key (not a secret).
 KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
@@ -53,19 +55,12 @@ class Azurite:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop gracefully with SIGINT (SIGKILL if it does not exit in ``timeout``)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_pid(self.proc, signal.SIGINT, timeout)
         self._stopped = True
 
     def kill(self) -> None:
         """Kill immediately (simulates a crash)."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        kill_pid(self.proc)
         self._stopped = True
 
 

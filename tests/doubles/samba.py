@@ -3,13 +3,14 @@ through. Config, passdb, locks and logs live in the work directory; stopped by P
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from doubles.procs import stop_pid
 
 SHARE = "vms"
 
@@ -25,13 +26,7 @@ class Samba:
     log: Path
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_pid(self.proc, signal.SIGTERM, timeout)
 
 
 def _free_port() -> int:

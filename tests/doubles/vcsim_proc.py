@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from doubles.procs import kill_pid, stop_pid
+
 REPO = Path(__file__).resolve().parents[2]
 BINARY = REPO / ".cache" / "vcsim" / "standby-vcsim"
 
@@ -87,18 +89,11 @@ class Vcsim:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM by PID, wait ``timeout`` seconds, then SIGKILL."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_pid(self.proc, signal.SIGTERM, timeout)
 
     def kill(self) -> None:
         """SIGKILL by PID (simulates a crash)."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        kill_pid(self.proc)
 
 
 def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> bytes:

@@ -130,6 +130,6 @@ def test_kvm_to_vmware_cycles_and_failover(labenv: Lab, sites: Vcsim) -> None:
     assert lab.images_equal(env.disk_path("kv1", "vda"), replica)
     fo = env.lifecycle.failover("kv1", kind="unplanned")
     assert lab.images_equal(replica, Path(fo.ref["files"]["vda"]), fmt_b="raw")
-    obj, _cfg = env.engine.target("vcdr")._named("kv1")  # type: ignore[attr-defined]
+    obj, _cfg = env.engine.target("vcdr")._lookup("kv1")  # type: ignore[attr-defined]
     assert [n.name for n in obj.network] == ["VM Network"]
     assert str(obj.runtime.powerState) == "poweredOn"

@@ -10,7 +10,7 @@ from typing import Any
 from standby.core.errors import ConfigError, NotFound
 from standby.core.model import Firmware, VMSpec
 
-from .conn import FAILOVER_KEY, REPLICA_KEY, VMwareOptions, vim_errors, wait_task
+from .conn import FAILOVER_KEY, REPLICA_KEY, VMwareOptions, extra_config, vim_errors, wait_task
 
 ISOLATED_VSWITCH = "standby-isolated"
 UNITS_PER_CONTROLLER = 15  # SCSI units 0-15 without 7, the controller's own
@@ -227,21 +227,15 @@ def config_spec(
 
 def created_by(cfg: Any, failover_id: int) -> bool:
     """Whether failover `failover_id` created this VM."""
-    from .conn import extra_config
-
     return extra_config(cfg).get(FAILOVER_KEY) == str(failover_id)
 
 
 def swapped_by(cfg: Any, failover_id: int) -> bool:
     """Whether failover `failover_id` (a failback) switched this original VM's disks."""
-    from .conn import extra_config
-
     return extra_config(cfg).get(FAILOVER_KEY) == f"{failover_id}:original"
 
 
 def is_replica(cfg: Any) -> bool:
-    from .conn import extra_config
-
     return REPLICA_KEY in extra_config(cfg)
 
 

@@ -319,8 +319,11 @@ class VMwareTarget(Target):
             finally:
                 view.Destroy()
 
-    def _named(self, name: str) -> tuple[Any, Any] | None:
-        return next(((vm, cfg) for vm, cfg in self._vms() if cfg.name == name), None)
+    def _lookup(self, name: str, instance_uuid: str | None = None) -> tuple[Any, Any] | None:
+        """A VM and its config by instance UUID, else by name (one inventory listing)."""
+        vms = self._vms()
+        by_id = (v for v in vms if instance_uuid and v[1].instanceUuid == instance_uuid)
+        return next(by_id, None) or next((v for v in vms if v[1].name == name), None)
 
     def _convert(self, point: PointInfo, pinfo: ProtectionInfo, rel: str) -> list[tuple[str, int]]:
         """The point's disks as flat VMDKs in folder `rel`: `[ds] path.vmdk` and size each."""
@@ -385,9 +388,12 @@ class VMwareTarget(Target):
         fid = failover_id or 0
         vm = protection.vm
         what = f"failover of {vm.name}"
-        found = None if test else self._original(protection)
+        original = None if test else self._original(protection)
+        if original is not None:  # a failback: the VM this replica was seeded from
+            found = self._lookup(original.get("name", ""), original.get("instanceUuid"))
+        else:
+            found = self._lookup(self.test_name(protection) if test else vm.name)
         name = found[1].name if found else self.test_name(protection) if test else vm.name
-        found = found or self._named(name)
         if found is not None:
             obj, cfg = found
             done = placement.created_by(cfg, fid) or placement.swapped_by(cfg, fid)
@@ -543,9 +549,7 @@ class VMwareTarget(Target):
         from pyVmomi import vim
 
         self.connect()
-        found = next(
-            ((o, c) for o, c in self._vms() if c.instanceUuid == original.id), None
-        ) or self._named(original.name)
+        found = self._lookup(original.name, original.id)
         if found is None:
             return None
         obj, cfg = found
@@ -575,17 +579,15 @@ class VMwareTarget(Target):
             "seed": True,
         }
 
-    def _original(self, pinfo: ProtectionInfo) -> tuple[Any, Any] | None:
-        """The original VM a re-protect towards this site was seeded from (a failback goes
-        back onto it, whatever name the VM ran under elsewhere)."""
+    def _original(self, pinfo: ProtectionInfo) -> dict[str, str] | None:
+        """The original VM a re-protect towards this site was seeded from (`name`,
+        `instanceUuid`): a failback goes back onto it, whatever name the VM ran under
+        elsewhere."""
         try:
             known = json.loads((self.vm_dir(pinfo) / ORIGINAL).read_text())
         except (OSError, ValueError):
             return None
-        vms = self._vms()
-        return next(
-            (v for v in vms if v[1].instanceUuid == known.get("instanceUuid")), None
-        ) or next((v for v in vms if v[1].name == known.get("name")), None)
+        return {str(k): str(v) for k, v in known.items()} if isinstance(known, dict) else None
 
     def remove(self, protection: ProtectionInfo, points: list[PointInfo]) -> None:
         self.mover(protection).stop()
