@@ -23,6 +23,27 @@ class Disk:
     controller: str = "SCSI"
     number: int = 0
     location: int = 0
+    rct: str = field(default_factory=lambda: str(uuid.uuid4()))
+    """The identity of the disk's change tracking (a new one after a reset)."""
+    seq: int = 1
+    log: list[tuple[int, int, int]] = field(default_factory=list)
+    """(sequence, offset, length) of every guest write since tracking began."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.controller.lower()}{self.number}-{self.location}"
+
+    def rct_id(self, seq: int | None = None) -> str:
+        return f"rct:{self.rct}:{self.seq if seq is None else seq}"
+
+
+@dataclass
+class Checkpoint:
+    id: str
+    name: str
+    kind: str
+    frozen: list[tuple[Disk, Path, int]]
+    """Each disk with its frozen file and the RCT sequence it was frozen at."""
 
 
 @dataclass
@@ -43,6 +64,10 @@ class VM:
     disks: list[Disk] = field(default_factory=list)
     nics: list[Nic] = field(default_factory=list)
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    vss: bool = True
+    """Whether the guest's backup integration service (VSS) answers: production checkpoints."""
+    checkpoint_type: str = "Production"
+    checkpoints: list[Checkpoint] = field(default_factory=list)
 
 
 def vhdx_size(path: Path) -> int:
@@ -60,12 +85,63 @@ def convert_to_json(items: list[Any]) -> str:
     return json.dumps(items[0] if len(items) == 1 else items)
 
 
+MAX_CHECKPOINTS = 50  # Hyper-V's limit per VM
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+class HostError(Exception):
+    """A cmdlet's error, as PowerShell prints it."""
+
+
 @dataclass
 class HyperVHost:
-    """The model; `handle` is the WinRM double's handler."""
+    """The model; `handle` is the WinRM double's handler. `root` is the host's `drive`
+    directory (`C:\\Hyper-V`): paths the host names are Windows paths under it."""
 
     root: Path
     vms: dict[str, VM] = field(default_factory=dict)
+    drive: str = "C:\\Hyper-V"
+    fail_next: list[str] = field(default_factory=list)
+    """Ops (`checkpoint`, ...) whose next call fails as if the host went away."""
+
+    def winpath(self, path: Path) -> str:
+        return self.drive + "\\" + str(path.relative_to(self.root)).replace("/", "\\")
+
+    def local(self, winpath: str) -> Path:
+        rel = winpath[len(self.drive) :].lstrip("\\").replace("\\", "/")
+        if not winpath.lower().startswith(self.drive.lower()) or ".." in rel.split("/"):
+            raise HostError(f"Get-VHD : '{winpath}' is not an existing virtual hard disk file.")
+        return self.root / rel
+
+    def guest_write(self, vm: str, disk: int, offset: int, data: bytes) -> None:
+        """Bytes the guest writes into its live disk (with qemu-io), fed to the RCT log."""
+        d = self.vms[vm].disks[disk]
+        src = d.path.with_suffix(".write")
+        src.write_bytes(data)
+        try:
+            subprocess.run(
+                ["qemu-io", "-f", "vhdx", "-c", f"write -s {src} {offset} {len(data)}",
+                 str(d.path)], check=True, capture_output=True,
+            )  # fmt: skip
+        finally:
+            src.unlink()
+        d.seq += 1
+        d.log.append((d.seq, offset, len(data)))
+
+    def reset_rct(self, vm: str, disk: int = 0) -> None:
+        """What a live migration to another host or a merge by hand does: every RCT id of the
+        disk stops being valid."""
+        d = self.vms[vm].disks[disk]
+        d.rct, d.log = str(uuid.uuid4()), []
 
     def add_vm(self, name: str, disks_mib: list[int], generation: int = 2, **kw: Any) -> VM:
         vm = VM(name=name, generation=generation, **kw)
@@ -80,6 +156,17 @@ class HyperVHost:
         return vm
 
     def handle(self, script: str) -> tuple[str, str, int]:
+        m = re.search(r"^# standby:([\w-]+)\n\$p = ConvertFrom-Json '(.*)'$", script, re.M)
+        if m:
+            op, params = m.group(1), json.loads(m.group(2).replace("''", "'"))
+            if op in self.fail_next:
+                self.fail_next.remove(op)
+                return "", "The WS-Management service cannot process the request.", 1
+            try:
+                out = getattr(self, "op_" + op.replace("-", "_"))(params)
+            except HostError as exc:
+                return "", str(exc), 1
+            return convert_to_json(out if isinstance(out, list) else [out] if out else []), "", 0
         if "Get-VMHardDiskDrive" in script and "Get-VMNetworkAdapter" in script:
             return convert_to_json([self._inventory(vm) for vm in self._listed()]), "", 0
         m = re.search(r"Get-VM\s+-Name\s+'([^']*)'", script)
@@ -110,7 +197,7 @@ class HyperVHost:
                     "ControllerType": d.controller,
                     "ControllerNumber": d.number,
                     "ControllerLocation": d.location,
-                    "Path": str(d.path),
+                    "Path": self.winpath(d.path),
                     "Size": vhdx_size(d.path),
                 }
                 for d in vm.disks
@@ -119,3 +206,78 @@ class HyperVHost:
                 {"Name": n.name, "MacAddress": n.mac, "SwitchName": n.switch} for n in vm.nics
             ],
         }
+
+    # ------------------------------------------------------------ ops (source side)
+
+    def vm_by_id(self, vm_id: str) -> VM:
+        for vm in self.vms.values():
+            if vm.id == vm_id:
+                return vm
+        raise HostError(f'Get-VM : Hyper-V was unable to find a virtual machine with ID "{vm_id}".')
+
+    def _drop_checkpoints(self, vm: VM, prefix: str) -> None:
+        for cp in [c for c in vm.checkpoints if c.name.startswith(prefix)]:
+            for _disk, frozen, _seq in cp.frozen:
+                frozen.unlink(missing_ok=True)
+            vm.checkpoints.remove(cp)
+
+    def op_checkpoint(self, p: dict[str, Any]) -> dict[str, Any]:
+        vm = self.vm_by_id(p["VMId"])
+        self._drop_checkpoints(vm, p["Prefix"])
+        notes, kind = [], "Standard"
+        if p["App"]:
+            if vm.vss and vm.state == "Running":
+                kind = "Production"
+            else:
+                notes.append(
+                    f"production checkpoint failed (Checkpoint-VM : Production checkpoints "
+                    f"cannot be created for '{vm.name}'.): crash-consistent point"
+                )
+        if len(vm.checkpoints) >= MAX_CHECKPOINTS:
+            raise HostError(
+                f"Checkpoint-VM : Cannot take checkpoint for '{vm.name}' because the maximum "
+                f"number of checkpoints has been reached."
+            )
+        cp = Checkpoint(str(uuid.uuid4()), p["Name"], kind, [])
+        for d in vm.disks:
+            frozen = d.path.parent / "Snapshots" / cp.id / d.path.name
+            frozen.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(d.path), str(frozen)],
+                           check=True)  # fmt: skip
+            cp.frozen.append((d, frozen, d.seq))
+        vm.checkpoints.append(cp)
+        disks = []
+        for d, frozen, seq in cp.frozen:
+            since = p["Since"].get(d.name)
+            changes, err = None, None
+            if since:
+                try:
+                    changes = self._changes(d, since, seq)
+                except HostError as exc:
+                    err = str(exc)
+            disks.append({
+                "Name": d.name, "Path": self.winpath(frozen), "Size": vhdx_size(frozen),
+                "ParentPath": None, "Rct": d.rct_id(seq), "Changes": changes, "ChangeError": err,
+            })  # fmt: skip
+        return {"Id": cp.id, "Name": cp.name, "Kind": kind, "Notes": notes, "Disks": disks}
+
+    def _changes(self, d: Disk, since: str, upto: int) -> dict[str, list[int]]:
+        """GetVirtualDiskChanges: what the guest wrote after `since`, up to the frozen file."""
+        ident, _, seq = since.rpartition(":")
+        if ident != f"rct:{d.rct}" or not seq.isdigit() or int(seq) > upto:
+            raise HostError(
+                f"GetVirtualDiskChanges : the change tracking id '{since}' is not valid for "
+                f"{self.winpath(d.path)} (return value 32773)"
+            )
+        merged = _merge([(o, o + n) for s, o, n in d.log if int(seq) < s <= upto])
+        return {"Offsets": [a for a, _ in merged], "Lengths": [b - a for a, b in merged]}
+
+    def op_remove_checkpoint(self, p: dict[str, Any]) -> None:
+        self._drop_checkpoints(self.vm_by_id(p["VMId"]), p["Prefix"])
+
+    def op_rct_state(self, p: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"Name": d.name, "Rct": d.rct_id()} for d in self.vm_by_id(p["VMId"]).disks]
+
+    def op_power(self, p: dict[str, Any]) -> None:
+        vm = self.vm_by_id(p["VMId"])
+        vm.state = "Running" if p["Action"] == "start" else "Off"

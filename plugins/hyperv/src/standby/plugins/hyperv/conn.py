@@ -36,6 +36,41 @@ class HyperVOptions(SiteOptions):
     thumbprint: str | None = None
     """SHA-256 of the listener's certificate, for a self-signed one."""
     operation_timeout: int = Field(default=120, ge=5)
+    share: str | None = None
+    """The SMB share through which standby reads (and, at a DR site, writes) VM disk files."""
+    share_root: str | None = None
+    """The host directory that `share` exposes (`D:\\Hyper-V`): disk paths under it map to
+    files in the share."""
+    smb_host: str | None = None
+    """The file server, when it is not `host` (a scale-out file server, a cluster name)."""
+    smb_port: int = Field(default=445, ge=1, le=65535)
+    smb_user: str | None = None
+    """Defaults to `user`."""
+    smb_password: SecretRef | None = None
+    """Defaults to `password`."""
+
+    def smb_login(self) -> tuple[str, str]:
+        """(user, password) for the share."""
+        if self.smb_user is None:
+            return self.user, self.secret("password")
+        key = "smb_password" if self.smb_password is not None else "password"
+        return self.smb_user, self.secret(key)
+
+    def share_path(self, host_path: str, what: str) -> str:
+        """The share-relative path of a file the host names (`D:\\Hyper-V\\web\\d.vhdx`);
+        ConfigError when the site has no share or the file is outside it."""
+        if not self.share or not self.share_root:
+            raise ConfigError(
+                f"{self._origin}: keys 'share' and 'share_root' are needed to read disks"
+            )
+        root = self.share_root.replace("/", "\\").rstrip("\\").lower()
+        clean = host_path.replace("/", "\\")
+        if not clean.lower().startswith(root + "\\"):
+            raise ConfigError(
+                f"{what}: {host_path} is not under share_root {self.share_root} "
+                f"(share '{self.share}')"
+            )
+        return clean[len(root) + 1 :]
 
     @field_validator("thumbprint")
     @classmethod
@@ -73,6 +108,15 @@ class PowerShell:
             operation_timeout_sec=o.operation_timeout,
             read_timeout_sec=o.operation_timeout + 10,
         )
+
+    def connect(self) -> None:
+        """Check the listener's certificate and make the session (no credential is sent
+        before the certificate is found good)."""
+        if self._session is None:
+            self._session = self._connect()
+
+    def close(self) -> None:
+        self._session = None
 
     def run(self, script: str, depth: int = 6) -> Any:
         """Run `script` (its output piped to ConvertTo-Json); the parsed answer (None when

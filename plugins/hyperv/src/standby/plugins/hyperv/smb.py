@@ -41,7 +41,8 @@ class SmbFile:
         except (SMBException, OSError, ValueError) as exc:
             self.close()
             raise TransientError(f"{self.where}: {exc}") from exc
-        self.max_read = int(self.conn.max_read_size)
+        # One MiB a request: 16 credits, which every server grants a fresh session.
+        self.max_read = min(int(self.conn.max_read_size), 1 << 20)
 
     @staticmethod
     def _open(tree: Any, path: str) -> Any:
@@ -100,3 +101,52 @@ def check_path(path: str) -> str:
     if not clean or ".." in clean.split("\\"):
         raise PluginError(f"not a path inside a share: {path!r}")
     return clean
+
+
+class SmbPool:
+    """Up to `size` connections to one file, lent to reading threads in turn: the engine's
+    reads of a disk are in flight together instead of queueing on one connection."""
+
+    def __init__(self, opener: Any, size: int) -> None:
+        self._opener, self._size = opener, max(1, size)
+        self._idle: list[SmbFile] = []
+        self._all: list[SmbFile] = []
+        self._cond = threading.Condition()
+        self._opening = 0
+        first = opener()
+        self._all.append(first)
+        self._idle.append(first)
+        self.where, self.size = first.where, first.size
+
+    def _borrow(self) -> SmbFile:
+        with self._cond:
+            while not self._idle and len(self._all) + self._opening >= self._size:
+                self._cond.wait()
+            if self._idle:
+                return self._idle.pop()
+            self._opening += 1
+        try:
+            f: SmbFile = self._opener()
+        finally:
+            with self._cond:
+                self._opening -= 1
+                self._cond.notify()
+        with self._cond:
+            self._all.append(f)
+        return f
+
+    def pread(self, length: int, offset: int) -> bytes:
+        f = self._borrow()
+        try:
+            return f.pread(length, offset)
+        finally:
+            with self._cond:
+                self._idle.append(f)
+                self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            files, self._all, self._idle = self._all, [], []
+        for f in files:
+            if isinstance(f, SmbFile):
+                f.close()

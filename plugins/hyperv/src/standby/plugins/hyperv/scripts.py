@@ -1,0 +1,134 @@
+"""The PowerShell standby sends to a Hyper-V host, one script per round trip.
+
+Every script starts with `# standby:<op>` (a comment to PowerShell; it names the script in
+logs and to the test double) and takes its parameters from one JSON literal
+(`$p = ConvertFrom-Json '...'`), so nothing standby interpolates is ever parsed as code.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+VIRTDISK = r"""
+if (-not ('Standby.VirtDisk' -as [type])) {
+Add-Type -Namespace Standby -Name VirtDisk -MemberDefinition @'
+[StructLayout(LayoutKind.Sequential)] public struct StorageType { public uint DeviceId; public Guid VendorId; }
+[StructLayout(LayoutKind.Sequential)] public struct OpenParams { public uint Version; public uint RWDepth; public int GetInfoOnly; public int ReadOnly; public Guid ResiliencyGuid; }
+[DllImport("virtdisk.dll", CharSet = CharSet.Unicode)] public static extern uint OpenVirtualDisk(ref StorageType t, string path, uint mask, uint flags, ref OpenParams p, out IntPtr h);
+[DllImport("virtdisk.dll")] public static extern uint GetVirtualDiskInformation(IntPtr h, ref uint size, byte[] info, out uint used);
+[DllImport("kernel32.dll")] public static extern bool CloseHandle(IntPtr h);
+public static string MostRecentId(string path) {
+  var t = new StorageType(); var p = new OpenParams(); p.Version = 2; p.GetInfoOnly = 1; IntPtr h;
+  uint rc = OpenVirtualDisk(ref t, path, 0, 0, ref p, out h);
+  if (rc != 0) { throw new System.ComponentModel.Win32Exception((int)rc); }
+  try {
+    byte[] info = new byte[16 + 1024]; uint size = (uint)info.Length, used;
+    System.BitConverter.GetBytes((uint)15).CopyTo(info, 0);  // GET_VIRTUAL_DISK_INFO_CHANGE_TRACKING_STATE
+    rc = GetVirtualDiskInformation(h, ref size, info, out used);
+    if (rc != 0) { throw new System.ComponentModel.Win32Exception((int)rc); }
+    if (System.BitConverter.ToInt32(info, 8) == 0) { return ""; }  // change tracking off
+    string id = System.Text.Encoding.Unicode.GetString(info, 16, info.Length - 16);
+    return id.Substring(0, id.IndexOf('\0'));  // MostRecentId, NUL-terminated
+  } finally { CloseHandle(h); }
+}
+'@
+}
+""".strip()
+"""`[Standby.VirtDisk]::MostRecentId(path)`: the disk's current Resilient Change Tracking id
+(virtdisk's GetVirtualDiskInformation, CHANGE_TRACKING_STATE); "" when RCT is off."""
+
+CHANGES = r"""
+function Get-StandbyChanges($ims, $path, $since, $size) {
+  $offsets = [System.Collections.Generic.List[UInt64]]::new()
+  $lengths = [System.Collections.Generic.List[UInt64]]::new()
+  $at = [UInt64]0
+  while ($at -lt $size) {
+    $r = Invoke-CimMethod -InputObject $ims -MethodName GetVirtualDiskChanges -Arguments @{
+      Path = $path; LimitId = $since; ByteOffset = $at; ByteLength = [UInt64]($size - $at) }
+    if ($r.ReturnValue -ne 0) {
+      throw "GetVirtualDiskChanges : the change tracking id '$since' is not valid for $path (return value $($r.ReturnValue))"
+    }
+    if ($r.ChangedByteOffsets) { $offsets.AddRange([UInt64[]]$r.ChangedByteOffsets); $lengths.AddRange([UInt64[]]$r.ChangedByteLengths) }
+    if ($r.ProcessedByteLength -eq 0) { break }
+    $at += $r.ProcessedByteLength
+  }
+  [pscustomobject]@{ Offsets = $offsets.ToArray(); Lengths = $lengths.ToArray() }
+}
+""".strip()
+
+
+def script(op: str, params: dict[str, Any], body: str) -> str:
+    """`body` with its marker and its parameters as `$p`."""
+    literal = json.dumps(params, separators=(",", ":")).replace("'", "''")
+    return f"# standby:{op}\n$p = ConvertFrom-Json '{literal}'\n{body.strip()}"
+
+
+CHECKPOINT = (
+    VIRTDISK
+    + "\n"
+    + CHANGES
+    + "\n"
+    + r"""
+$vm = Get-VM -Id $p.VMId
+Get-VMSnapshot -VM $vm | Where-Object { $_.Name -like "$($p.Prefix)*" } | Remove-VMSnapshot
+$notes = @(); $kind = 'Standard'; $prev = $vm.CheckpointType; $cp = $null
+try {
+  if ($p.App) {
+    Set-VM -VM $vm -CheckpointType ProductionOnly
+    try { $cp = Checkpoint-VM -VM $vm -SnapshotName $p.Name -Passthru; $kind = 'Production' }
+    catch { $notes += "production checkpoint failed ($($_.Exception.Message)): crash-consistent point" }
+  }
+  if (-not $cp) {
+    Set-VM -VM $vm -CheckpointType Standard
+    $cp = Checkpoint-VM -VM $vm -SnapshotName $p.Name -Passthru
+  }
+} finally { Set-VM -VM $vm -CheckpointType $prev }
+$ims = Get-CimInstance -Namespace root\virtualization\v2 -ClassName Msvm_ImageManagementService
+[pscustomobject]@{
+  Id = $cp.Id.Guid; Name = $cp.Name; Kind = $kind; Notes = $notes
+  Disks = @(Get-VMHardDiskDrive -VMSnapshot $cp | ForEach-Object {
+    $key = "$($_.ControllerType)$($_.ControllerNumber)-$($_.ControllerLocation)".ToLower()
+    $vhd = Get-VHD -Path $_.Path
+    $since = $p.Since.$key; $changes = $null; $err = $null
+    if ($since) {
+      try { $changes = Get-StandbyChanges $ims $_.Path $since $vhd.Size }
+      catch { $err = $_.Exception.Message }
+    }
+    [pscustomobject]@{
+      Name = $key; Path = $_.Path; Size = $vhd.Size; ParentPath = $vhd.ParentPath
+      Rct = [Standby.VirtDisk]::MostRecentId($_.Path); Changes = $changes; ChangeError = $err
+    } })
+}
+"""
+)
+"""Remove stale cycle checkpoints, take one (production when asked, else standard), and for
+each of its disks: the frozen file, its RCT id and the changes since `Since.<disk>`."""
+
+REMOVE_CHECKPOINT = r"""
+Get-VMSnapshot -VM (Get-VM -Id $p.VMId) | Where-Object { $_.Name -like "$($p.Prefix)*" } |
+  Remove-VMSnapshot
+"""
+"""Remove the cycle's checkpoint (and any other standby left): Hyper-V merges it."""
+
+RCT_STATE = (
+    VIRTDISK
+    + "\n"
+    + r"""
+Get-VMHardDiskDrive -VM (Get-VM -Id $p.VMId) | ForEach-Object {
+  [pscustomobject]@{
+    Name = "$($_.ControllerType)$($_.ControllerNumber)-$($_.ControllerLocation)".ToLower()
+    Rct = [Standby.VirtDisk]::MostRecentId($_.Path) } }
+"""
+)
+"""Each disk's current RCT id (a token stays usable while its tracking identity holds)."""
+
+POWER = r"""
+$vm = Get-VM -Id $p.VMId
+switch ($p.Action) {
+  'start' { if ($vm.State -ne 'Running') { Start-VM -VM $vm } }
+  'shutdown' { if ($vm.State -eq 'Running') { Stop-VM -VM $vm -Force -AsJob | Out-Null } }
+  'off' { if ($vm.State -ne 'Off') { Stop-VM -VM $vm -TurnOff -Force } }
+}
+"""
+"""Start, ask the guest to shut down (without waiting), or turn off."""

@@ -1,0 +1,83 @@
+"""A Hyper-V host for tests: the host model behind the WinRM double, its VM folder served by
+Samba on a loopback port, and the site keys that reach both."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from doubles.certs import make_cert
+from doubles.hyperv_host import HyperVHost
+from doubles.samba import Samba, start_samba
+from doubles.winrm import WinRMDouble
+
+from standby.core.config import Site
+
+USER, PASSWORD = "HV\\standby", "Hv-p4ss!"
+
+
+@dataclass
+class HyperVLab:
+    """One host: `model` (VMs, disks), `winrm` (its listener), `samba` (its share)."""
+
+    model: HyperVHost
+    winrm: WinRMDouble
+    samba: Samba
+    env_prefix: str
+
+    def keys(self, **extra: object) -> dict[str, object]:
+        """A `plugin = "hyperv"` site's keys; secrets go by `env:` reference."""
+        os.environ[f"{self.env_prefix}_PASSWORD"] = PASSWORD
+        os.environ[f"{self.env_prefix}_SMB_PASSWORD"] = self.samba.password
+        return {
+            "host": "127.0.0.1",
+            "port": self.winrm.port,
+            "user": USER,
+            "password": f"env:{self.env_prefix}_PASSWORD",
+            "transport": "ntlm",
+            "ca_file": str(self.winrm.cert),
+            "share": self.samba.share,
+            "share_root": self.model.drive,
+            "smb_port": self.samba.port,
+            "smb_user": self.samba.user,
+            "smb_password": f"env:{self.env_prefix}_SMB_PASSWORD",
+            **extra,
+        }
+
+    def site(self, tmp: Path, name: str = "hv", **extra: object) -> Site:
+        return Site(name, "hyperv", tmp / f"sites/{name}.toml", self.keys(**extra))
+
+    def write_site(self, home: Path, name: str = "hv", **extra: object) -> None:
+        keys = {"plugin": "hyperv", **self.keys(**extra)}
+        (home / "sites").mkdir(parents=True, exist_ok=True)
+        (home / "sites" / f"{name}.toml").write_text(
+            "".join(f"{k} = {_toml(v)}\n" for k, v in keys.items())
+        )
+
+    def stop(self) -> None:
+        try:
+            self.winrm.stop()
+        finally:
+            self.samba.stop()
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+    return json.dumps(value)
+
+
+def start_hyperv(work: Path, env_prefix: str = "STANDBY_TEST_HV") -> HyperVLab:
+    """A host with no VMs yet (add them with `lab.model.add_vm`)."""
+    model = HyperVHost(work / "host")
+    model.root.mkdir(parents=True, exist_ok=True)
+    cert, key = make_cert(work / "tls")
+    winrm = WinRMDouble(cert, key, USER, PASSWORD, model.handle).start()
+    try:
+        samba = start_samba(work / "smb", model.root)
+    except BaseException:
+        winrm.stop()
+        raise
+    return HyperVLab(model, winrm, samba, env_prefix)
