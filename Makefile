@@ -7,7 +7,8 @@ export PATH := $(HOME)/.local/bin:$(PATH)
 APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system \
 	libvirt-daemon-system-sysv qemu-system-x86 qemu-system-common qemu-utils libvirt-clients pkg-config \
 	libvirt-dev python3-libnbd libnbd-bin python3-dev gcc make cpio rsync restic \
-	borgbackup tini golang-go golang-github-vmware-govmomi-dev golang-github-google-uuid-dev nbdkit samba
+	borgbackup tini golang-go golang-github-vmware-govmomi-dev golang-github-google-uuid-dev nbdkit samba \
+	ovmf
 
 # QEMU daemons whose parent exits go to init, and libvirt's destroy waits until they are
 # reaped; this machine's init reaps every ~2 s (systemd at once). `tini -s` reaps them at once.

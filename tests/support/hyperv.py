@@ -53,7 +53,7 @@ class HyperVLab:
         keys = {"plugin": "hyperv", **self.keys(**extra)}
         (home / "sites").mkdir(parents=True, exist_ok=True)
         (home / "sites" / f"{name}.toml").write_text(
-            "".join(f"{k} = {_toml(v)}\n" for k, v in keys.items())
+            "".join(f"{k} = {_toml(v)}\n" for k, v in keys.items() if v is not None)
         )
 
     def stop(self) -> None:

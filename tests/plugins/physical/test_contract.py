@@ -119,3 +119,14 @@ class TestPhysicalTarget(TargetContract):
         ).stdout
         assert str(path) in info  # the new point is an overlay on the old one
         target.remove(p, [])
+
+
+def test_uefi_is_offered_only_where_the_host_has_firmware() -> None:
+    from standby.plugins.physical.domxml import firmware_kinds
+
+    with_ovmf = "<domainCapabilities><os supported='yes'><enum name='firmware'><value>efi</value></enum></os></domainCapabilities>"  # noqa: E501
+    without = (
+        "<domainCapabilities><os supported='yes'><enum name='firmware'/></os></domainCapabilities>"
+    )
+    assert firmware_kinds(with_ovmf) == {"efi"}
+    assert firmware_kinds(without) == set()

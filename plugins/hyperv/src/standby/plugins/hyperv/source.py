@@ -14,6 +14,7 @@ with a note saying why.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from . import inventory, scripts
 from .conn import HyperVOptions, PowerShell, as_list
 from .smb import SmbFile, SmbPool
 from .vhdx import VhdxReader
+
+log = logging.getLogger(__name__)
 
 PREFIX = "standby-cycle-"
 READS_PER_DISK = 4
@@ -133,13 +136,21 @@ class HyperVSource(Source):
             try:
                 handle.stack.close()
             finally:
-                self.ps.run(
-                    scripts.script(
-                        "remove-checkpoint",
-                        {"VMId": vm.id, "Prefix": PREFIX},
-                        scripts.REMOVE_CHECKPOINT,
-                    )
+                self._remove_checkpoint(vm)
+
+    def _remove_checkpoint(self, vm: VMSpec) -> None:
+        """Drop the cycle's checkpoint. If the host is unreachable now, the point (already
+        whole) stands: the next cycle's first script removes what is left."""
+        try:
+            self.ps.run(
+                scripts.script(
+                    "remove-checkpoint",
+                    {"VMId": vm.id, "Prefix": PREFIX},
+                    scripts.REMOVE_CHECKPOINT,
                 )
+            )
+        except StandbyError as exc:
+            log.warning("VM %s: checkpoint left for the next cycle to remove: %s", vm.name, exc)
 
     def _add_disk(
         self, vm: VMSpec, snap: Snapshot, raw: dict[str, Any], since: Mapping[str, str | None]

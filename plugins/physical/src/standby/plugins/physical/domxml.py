@@ -145,3 +145,13 @@ def swap_disks(xml: str, files: Mapping[str, Path]) -> str:
         driver.set("type", "qcow2")
         ET.SubElement(disk, "source", {"file": str(files[dev])})
     return ET.tostring(root, encoding="unicode")
+
+
+def firmware_kinds(domcaps: str) -> set[str]:
+    """The firmware kinds (`bios`, `efi`) a host's domain capabilities offer."""
+    root = ET.fromstring(domcaps)
+    return {
+        v.text or ""
+        for enum in root.iterfind("os/enum[@name='firmware']")
+        for v in enum.iterfind("value")
+    }

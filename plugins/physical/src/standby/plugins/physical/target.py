@@ -38,7 +38,13 @@ from standby.core.model import (
     VMSpec,
 )
 from standby.plugins.physical import conn as lv
-from standby.plugins.physical.domxml import bus_for, disk_sources, guest_devs, swap_disks
+from standby.plugins.physical.domxml import (
+    bus_for,
+    disk_sources,
+    firmware_kinds,
+    guest_devs,
+    swap_disks,
+)
 
 QCOW2_MAX = 64 << 40  # 64 TiB: what this target accepts per disk
 TEST_NETWORK = "standby-test"
@@ -154,8 +160,17 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
                 f"disks need up to {need / (1 << 30):.1f} GiB but the target pool {pool} has "
                 f"{free / (1 << 30):.1f} GiB free"
             )
-        if vm.firmware is Firmware.UEFI and not Path("/usr/share/OVMF").exists():
-            notes.append("UEFI VM: install ovmf on the DR host before failover")
+        if vm.firmware is Firmware.UEFI:
+            machine = str(vm.extra.get("machine", "pc"))
+            with lv.libvirt_errors(f"site '{self.site.name}': domain capabilities"):
+                caps = self.conn.getDomainCapabilities(
+                    None, "x86_64", machine, self.opts.domain_type
+                )
+            if "efi" not in firmware_kinds(caps):
+                problems.append(
+                    f"the VM boots with UEFI (generation 2) but the DR host '{self.site.name}' "
+                    "has no UEFI firmware for QEMU (install ovmf there)"
+                )
         return Validation(problems=problems, size=f"{vm.cpus}vcpu-{vm.memory_mib}MiB", notes=notes)
 
     def prepare(self, protection: ProtectionInfo) -> None:
@@ -442,7 +457,7 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
         return (
             f"<domain type='{self.opts.domain_type}'><name>{name}</name>{uuid}"
             f"<memory unit='MiB'>{vm.memory_mib}</memory><vcpu>{vm.cpus}</vcpu>"
-            f"{self._os_xml(vm)}<on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash>"
+            f"{self._os_xml(vm)}<features><acpi/><apic/></features><on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash>"
             f"<devices>{disks_xml}{nics}"
             f"<serial type='unix'><source mode='bind' path='{console}'/></serial>"
             "<console type='unix'><target type='serial'/></console>"
