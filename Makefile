@@ -14,7 +14,7 @@ APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system 
 # reaped; this machine's init reaps every ~2 s (systemd at once). `tini -s` reaps them at once.
 REAP := tini -s --
 
-.PHONY: setup demo demo-azure demo-plan demo-vmware test lint bench bench-azure bench-rpo bench-rto bench-vmware clean
+.PHONY: setup demo demo-azure demo-plan demo-vmware demo-hyperv test lint bench bench-azure bench-rpo bench-rto bench-vmware clean
 
 setup:
 	@bash scripts/setup.sh $(APT_PACKAGES)
@@ -30,6 +30,9 @@ demo-plan: setup
 
 demo-vmware: setup
 	@$(REAP) bash scripts/demo-vmware.sh
+
+demo-hyperv: setup
+	@$(REAP) bash scripts/demo-hyperv.sh
 
 lint: setup
 	uv run ruff check .
