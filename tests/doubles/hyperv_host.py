@@ -68,6 +68,9 @@ class VM:
     """Whether the guest's backup integration service (VSS) answers: production checkpoints."""
     checkpoint_type: str = "Production"
     checkpoints: list[Checkpoint] = field(default_factory=list)
+    avhdx: list[tuple[int, int, bytes]] = field(default_factory=list)
+    """Guest writes made while a checkpoint exists, (disk index, offset, bytes): Hyper-V puts
+    them in the AVHDX and merges them into the parent when the checkpoint goes."""
 
 
 def vhdx_size(path: Path) -> int:
@@ -123,19 +126,28 @@ class HyperVHost:
         return self.root / rel
 
     def guest_write(self, vm: str, disk: int, offset: int, data: bytes) -> None:
-        """Bytes the guest writes into its live disk (with qemu-io), fed to the RCT log."""
-        d = self.vms[vm].disks[disk]
-        src = d.path.with_suffix(".write")
+        """Bytes the guest writes into its disk, fed to the RCT log: into the VHDX (with
+        qemu-io), or, while a checkpoint freezes it, into the AVHDX until the merge."""
+        target = self.vms[vm]
+        d = target.disks[disk]
+        d.seq += 1
+        d.log.append((d.seq, offset, len(data)))
+        if target.checkpoints:
+            target.avhdx.append((disk, offset, data))
+        else:
+            self._write_vhdx(d.path, offset, data)
+
+    @staticmethod
+    def _write_vhdx(path: Path, offset: int, data: bytes) -> None:
+        src = path.with_suffix(".write")
         src.write_bytes(data)
         try:
             subprocess.run(
                 ["qemu-io", "-f", "vhdx", "-c", f"write -s {src} {offset} {len(data)}",
-                 str(d.path)], check=True, capture_output=True,
+                 str(path)], check=True, capture_output=True,
             )  # fmt: skip
         finally:
             src.unlink()
-        d.seq += 1
-        d.log.append((d.seq, offset, len(data)))
 
     def reset_rct(self, vm: str, disk: int = 0) -> None:
         """What a live migration to another host or a merge by hand does: every RCT id of the
@@ -216,10 +228,11 @@ class HyperVHost:
         raise HostError(f'Get-VM : Hyper-V was unable to find a virtual machine with ID "{vm_id}".')
 
     def _drop_checkpoints(self, vm: VM, prefix: str) -> None:
-        for cp in [c for c in vm.checkpoints if c.name.startswith(prefix)]:
-            for _disk, frozen, _seq in cp.frozen:
-                frozen.unlink(missing_ok=True)
-            vm.checkpoints.remove(cp)
+        vm.checkpoints = [c for c in vm.checkpoints if not c.name.startswith(prefix)]
+        if not vm.checkpoints:  # the merge: what the guest wrote meanwhile reaches the VHDX
+            pending, vm.avhdx = vm.avhdx, []
+            for disk, offset, data in pending:
+                self._write_vhdx(vm.disks[disk].path, offset, data)
 
     def op_checkpoint(self, p: dict[str, Any]) -> dict[str, Any]:
         vm = self.vm_by_id(p["VMId"])
@@ -239,12 +252,8 @@ class HyperVHost:
                 f"number of checkpoints has been reached."
             )
         cp = Checkpoint(str(uuid.uuid4()), p["Name"], kind, [])
-        for d in vm.disks:
-            frozen = d.path.parent / "Snapshots" / cp.id / d.path.name
-            frozen.parent.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(d.path), str(frozen)],
-                           check=True)  # fmt: skip
-            cp.frozen.append((d, frozen, d.seq))
+        for d in vm.disks:  # the VHDX itself is frozen: the guest writes to an AVHDX now
+            cp.frozen.append((d, d.path, d.seq))
         vm.checkpoints.append(cp)
         disks = []
         for d, frozen, seq in cp.frozen:
