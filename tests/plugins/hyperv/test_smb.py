@@ -42,6 +42,10 @@ def test_a_vhdx_reads_over_smb_as_qemu_reads_it(samba: Samba, tmp_path: Path) ->
         r = VhdxReader(src, src.where)
         assert list(r.allocated()) == [(5 * MiB, 8 * MiB)]
         assert r.read(0, r.size) == raw.read_bytes()
+        whole = raw.read_bytes()
+        ranges = [(0, 4096), (5 * MiB - 512, 70000), (6 * MiB, 2 * MiB + 1), (11 * MiB, MiB)]
+        batch = r.read_many(ranges)  # in flight together on one connection
+        assert batch == [whole[o : o + n] for o, n in ranges]
     finally:
         src.close()
 

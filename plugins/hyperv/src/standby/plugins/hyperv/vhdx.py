@@ -177,6 +177,33 @@ class VhdxReader:
         if start is not None:
             yield start, lay.size
 
+    def read_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """Several (offset, length) ranges, with one batched read of the file when the source
+        has `pread_many` (an SMB file: the requests in flight together)."""
+        lay = self.layout
+        wanted: list[tuple[int, int]] = []  # file ranges to fetch
+        plans: list[list[tuple[int, int]]] = []  # per range: (index into wanted or -1, length)
+        for offset, length in ranges:
+            if offset < 0 or offset + length > self.size:
+                raise PluginError(f"{self.where}: read beyond the disk ({offset}+{length})")
+            plan = []
+            while length > 0:
+                block, within = divmod(offset, lay.block_size)
+                n = min(length, lay.block_size - within)
+                entry = lay.entry(block)
+                if entry & 7 == FULLY_PRESENT:
+                    plan.append((len(wanted), n))
+                    wanted.append(((entry >> 20) * MiB + within, n))
+                else:
+                    plan.append((-1, n))
+                offset, length = offset + n, length - n
+            plans.append(plan)
+        many = getattr(self.src, "pread_many", None)
+        got = many(wanted) if many else [self.src.pread(n, o) for o, n in wanted]
+        if any(len(g) != n for g, (_o, n) in zip(got, wanted, strict=True)):
+            raise PluginError(f"{self.where}: short read in a batch")
+        return [b"".join(got[i] if i >= 0 else bytes(n) for i, n in plan) for plan in plans]
+
     def read(self, offset: int, length: int) -> bytes:
         """Bytes at `offset` (within the disk); unallocated blocks read as zeroes."""
         if offset < 0 or offset + length > self.size:
