@@ -72,21 +72,9 @@ class SmbFile:
         return int(self.file.end_of_file)
 
     def pread(self, length: int, offset: int) -> bytes:
-        from smbprotocol.exceptions import SMBException
-
-        out = bytearray()
-        try:
-            with self._lock:
-                while length > 0 and offset < self.size:
-                    n = min(length, self.max_read, self.size - offset)
-                    chunk = self.file.read(offset, n)
-                    if not chunk:
-                        break
-                    out += chunk
-                    offset, length = offset + len(chunk), length - len(chunk)
-        except (SMBException, OSError) as exc:
-            raise TransientError(f"{self.where}: read at {offset} failed: {exc}") from exc
-        return bytes(out)
+        """Up to `length` bytes at `offset` (fewer at the end of the file), its SMB requests
+        in flight together."""
+        return self.pread_many([(offset, length)])[0]
 
     def pread_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:
         """(offset, length) ranges read with their requests in flight together on this
@@ -99,7 +87,7 @@ class SmbFile:
             pieces += [
                 (i, o, min(self.max_read, end - o)) for o in range(offset, end, self.max_read)
             ]
-        out = [bytearray() for _ in ranges]
+        out: list[list[bytes]] = [[] for _ in ranges]
         tree = self.file.tree_connect
         sid, tid = tree.session.session_id, tree.tree_connect_id
         try:
@@ -123,10 +111,10 @@ class SmbFile:
                         data = receive(request)
                         if len(data) != n:
                             raise SMBException(f"short read ({len(data)} of {n} bytes)")
-                        out[i] += data
+                        out[i].append(data)
         except (SMBException, OSError) as exc:
             raise TransientError(f"{self.where}: batched read failed: {exc}") from exc
-        return [bytes(b) for b in out]
+        return [parts[0] if len(parts) == 1 else b"".join(parts) for parts in out]
 
     def close(self) -> None:
         try:

@@ -206,19 +206,4 @@ class VhdxReader:
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes at `offset` (within the disk); unallocated blocks read as zeroes."""
-        if offset < 0 or offset + length > self.size:
-            raise PluginError(f"{self.where}: read beyond the disk ({offset}+{length})")
-        lay, out = self.layout, bytearray()
-        while length > 0:
-            block, within = divmod(offset, lay.block_size)
-            n = min(length, lay.block_size - within)
-            entry = lay.entry(block)
-            if entry & 7 == FULLY_PRESENT:
-                data = self.src.pread(n, (entry >> 20) * MiB + within)
-                if len(data) != n:
-                    raise PluginError(f"{self.where}: short read at {offset}")
-                out += data
-            else:
-                out += bytes(n)
-            offset, length = offset + n, length - n
-        return bytes(out)
+        return self.read_many([(offset, length)])[0]
