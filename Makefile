@@ -14,7 +14,7 @@ APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system 
 # reaped; this machine's init reaps every ~2 s (systemd at once). `tini -s` reaps them at once.
 REAP := tini -s --
 
-.PHONY: setup demo demo-azure demo-plan demo-vmware demo-hyperv test lint bench bench-azure bench-rpo bench-rto bench-vmware clean
+.PHONY: setup demo demo-azure demo-plan demo-vmware demo-hyperv test lint bench bench-azure bench-rpo bench-rto bench-vmware bench-hyperv clean
 
 setup:
 	@bash scripts/setup.sh $(APT_PACKAGES)
@@ -56,6 +56,9 @@ bench-rto: setup
 
 bench-vmware: setup
 	$(REAP) uv run python benchmarks/bench_vmware.py
+
+bench-hyperv: setup
+	$(REAP) uv run python benchmarks/bench_hyperv.py
 
 clean:
 	rm -rf .venv demo-work .pytest_cache .mypy_cache .ruff_cache
