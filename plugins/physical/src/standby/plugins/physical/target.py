@@ -162,11 +162,15 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
             )
         if vm.firmware is Firmware.UEFI:
             machine = str(vm.extra.get("machine", "pc"))
-            with lv.libvirt_errors(f"site '{self.site.name}': domain capabilities"):
-                caps = self.conn.getDomainCapabilities(
-                    None, "x86_64", machine, self.opts.domain_type
-                )
-            if "efi" not in firmware_kinds(caps):
+            try:
+                with lv.libvirt_errors(f"site '{self.site.name}': domain capabilities"):
+                    caps: str | None = self.conn.getDomainCapabilities(
+                        None, "x86_64", machine, self.opts.domain_type
+                    )
+            except StandbyError as exc:  # the host could not say: check again at failover
+                caps = None
+                notes.append(f"UEFI VM: could not ask the DR host for UEFI firmware ({exc})")
+            if caps is not None and "efi" not in firmware_kinds(caps):
                 problems.append(
                     f"the VM boots with UEFI (generation 2) but the DR host '{self.site.name}' "
                     "has no UEFI firmware for QEMU (install ovmf there)"
