@@ -17,9 +17,7 @@ the changed blocks' places in the file. Standby and the peer take turns, 3 round
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
@@ -173,14 +170,7 @@ def bench(work: Path, size: int, console: Console) -> dict[str, Any]:
 
 
 def show(r: dict[str, Any], console: Console) -> None:
-    cols = ("phase", "standby cycle s", "standby whole command s", "peer s", "x peer (cycle)",
-            "x peer (command)")  # fmt: skip
-    t = Table(*cols, title="Hyper-V source (WinRM double + Samba) -> KVM")
-    for phase in ("initial", "incremental"):
-        f = r[phase]
-        t.add_row(phase, str(f["standby_cycle_s"]), str(f["standby_wall_s"]), str(f["peer_s"]),
-                  str(f["ratio_cycle"]), str(f["ratio_wall"]))  # fmt: skip
-    console.print(t)
+    console.print(bv.phase_table(r, "Hyper-V source (WinRM double + Samba) -> KVM"))
     console.print(f"shipped / changed: {r['incremental']['shipped_over_changed']}x; WinRM round "
                   f"trips per cycle: {r['winrm_round_trips']}; replica equals the VHDX: "
                   f"{r['replica_equals_vhdx']}")  # fmt: skip
@@ -193,20 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true")
     args = p.parse_args(argv)
     console = Console(stderr=True)
-    if args.workdir.exists() and any(args.workdir.iterdir()):
-        console.print(f"{args.workdir} holds an earlier run: delete it first")
-        return 2
-    args.workdir.mkdir(parents=True, exist_ok=True)
     size = int(args.size_gib * GIB) // MIB * MIB
-    try:
-        result = bench(args.workdir, size, console)
-    finally:
-        if not args.keep:
-            for child in args.workdir.iterdir():
-                if child.name != "results.json":
-                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
-    (args.workdir / "results.json").write_text(json.dumps(result, indent=2, default=str))
-    print(json.dumps(result, indent=2, default=str))
+    result = bv.run_in(args.workdir, args.keep, console, lambda: bench(args.workdir, size, console))
+    if result is None:
+        return 2
     show(result, console)
     return 0
 

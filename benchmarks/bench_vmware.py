@@ -263,19 +263,43 @@ def figures(
     }
 
 
-def show(r: dict[str, Any], console: Console) -> None:
+def phase_table(r: dict[str, Any], title: str) -> Table:
+    """The initial and incremental phases of a result, standby against the peer."""
     cols = ("phase", "standby cycle s", "standby whole command s", "peer s", "x peer (cycle)",
             "x peer (command)")  # fmt: skip
-    t = Table(*cols, title=f"VMware source (vcsim) -> {r.get('to', 'kvm')}")
+    t = Table(*cols, title=title)
     for phase in ("initial", "incremental"):
         f = r[phase]
         t.add_row(phase, str(f["standby_cycle_s"]), str(f["standby_wall_s"]), str(f["peer_s"]),
                   str(f["ratio_cycle"]), str(f["ratio_wall"]))  # fmt: skip
-    console.print(t)
+    return t
+
+
+def show(r: dict[str, Any], console: Console) -> None:
+    console.print(phase_table(r, f"VMware source (vcsim) -> {r.get('to', 'kvm')}"))
     console.print(f"shipped / changed: {r['incremental']['shipped_over_changed']}x; "
                   f"replica equals the VMDK: {r['replica_equals_vmdk']}")  # fmt: skip
     if r.get("drill"):
         console.print(f"drill at the vSphere DR site: {r['drill']}")
+
+
+def run_in(workdir: Path, keep: bool, console: Console, bench_fn: Any) -> dict[str, Any] | None:
+    """`bench_fn()` in an empty `workdir` (None if it holds an earlier run), its result kept
+    in workdir/results.json and printed; everything else removed unless `keep`."""
+    if workdir.exists() and any(workdir.iterdir()):
+        console.print(f"{workdir} holds an earlier run: delete it first")
+        return None
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        result: dict[str, Any] = bench_fn()
+    finally:
+        if not keep:
+            for child in workdir.iterdir():
+                if child.name != "results.json":
+                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
+    (workdir / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    print(json.dumps(result, indent=2, default=str))
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,20 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--to", choices=("kvm", "vmware"), default="kvm")
     args = p.parse_args(argv)
     console = Console(stderr=True)
-    if args.workdir.exists() and any(args.workdir.iterdir()):
-        console.print(f"{args.workdir} holds an earlier run: delete it first")
-        return 2
-    args.workdir.mkdir(parents=True, exist_ok=True)
     size = int(args.size_gib * GIB) // MIB * MIB
-    try:
-        result = bench(args.workdir, size, console, args.to)
-    finally:
-        if not args.keep:
-            for child in args.workdir.iterdir():
-                if child.name != "results.json":
-                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
-    (args.workdir / "results.json").write_text(json.dumps(result, indent=2, default=str))
-    print(json.dumps(result, indent=2, default=str))
+    result = run_in(
+        args.workdir, args.keep, console, lambda: bench(args.workdir, size, console, args.to)
+    )
+    if result is None:
+        return 2
     show(result, console)
     return 0
 
