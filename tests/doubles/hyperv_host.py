@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from standby.plugins.hyperv import vhdx  # the format only: this double's New-VHD writes it
+
 
 @dataclass
 class Disk:
@@ -73,12 +75,16 @@ class VM:
     them in the AVHDX and merges them into the parent when the checkpoint goes."""
 
 
+def _layout(path: Path) -> vhdx.Layout:
+    f = vhdx.LocalFile(path)
+    try:
+        return vhdx.open_layout(f, str(path))
+    finally:
+        f.close()
+
+
 def vhdx_size(path: Path) -> int:
-    out = subprocess.run(
-        ["qemu-img", "info", "-U", "-f", "vhdx", "--output=json", str(path)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return int(json.loads(out.stdout)["virtual-size"])
+    return _layout(path).size
 
 
 def convert_to_json(items: list[Any]) -> str:
@@ -115,6 +121,8 @@ class HyperVHost:
     drive: str = "C:\\Hyper-V"
     fail_next: list[str] = field(default_factory=list)
     """Ops (`checkpoint`, ...) whose next call fails as if the host went away."""
+    switches: dict[str, str] = field(default_factory=lambda: {"LAN": "External"})
+    """Virtual switches: name -> SwitchType."""
 
     def winpath(self, path: Path) -> str:
         return self.drive + "\\" + str(path.relative_to(self.root)).replace("/", "\\")
@@ -139,6 +147,15 @@ class HyperVHost:
 
     @staticmethod
     def _write_vhdx(path: Path, offset: int, data: bytes) -> None:
+        if _layout(path).has_parent:  # a differencing disk (qemu-io cannot write one)
+            f = vhdx.LocalFile(path, write=True)
+            try:
+                w = vhdx.VhdxWriter.reopen(f, str(path), path.stat().st_size)
+                w.write(offset, data)
+                w.flush()
+            finally:
+                f.close()
+            return
         src = path.with_suffix(".write")
         src.write_bytes(data)
         try:
@@ -266,7 +283,7 @@ class HyperVHost:
                     err = str(exc)
             disks.append({
                 "Name": d.name, "Path": self.winpath(frozen), "Size": vhdx_size(frozen),
-                "ParentPath": None, "Rct": d.rct_id(seq), "Changes": changes, "ChangeError": err,
+                "ParentPath": self._parent(frozen), "Rct": d.rct_id(seq), "Changes": changes, "ChangeError": err,
             })  # fmt: skip
         return {"Id": cp.id, "Name": cp.name, "Kind": kind, "Notes": notes, "Disks": disks}
 
@@ -290,3 +307,90 @@ class HyperVHost:
     def op_power(self, p: dict[str, Any]) -> None:
         vm = self.vm_by_id(p["VMId"])
         vm.state = "Running" if p["Action"] == "start" else "Off"
+
+    # ------------------------------------------------------------ ops (DR side)
+
+    def _parent(self, path: Path) -> str | None:
+        lay = _layout(path)
+        return vhdx.parent_path(lay.parent, self.winpath(path)) if lay.has_parent else None
+
+    def new_vhd_differencing(self, child: Path, parent: Path) -> None:
+        """New-VHD -Differencing: an empty child whose locator names the parent."""
+        if not parent.exists():
+            raise HostError(f"New-VHD : The system cannot find the file '{self.winpath(parent)}'.")
+        lay = _layout(parent)
+        child.parent.mkdir(parents=True, exist_ok=True)
+        f = vhdx.LocalFile(child, write=True)
+        try:
+            vhdx.create(f, lay.size, block_size=2 << 20, parent=vhdx.locator_for(
+                self.winpath(child), self.winpath(parent), lay.data_write_guid))  # fmt: skip
+        finally:
+            f.close()
+
+    def op_switches(self, p: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"Name": n, "SwitchType": t} for n, t in self.switches.items()]
+
+    def _marked(self, fid: int) -> VM | None:
+        mark = f"standby:failover={fid};"
+        return next((v for v in self.vms.values() if mark in v.notes), None)
+
+    def op_failover(self, p: dict[str, Any]) -> dict[str, Any]:
+        vm = self._marked(p["FailoverId"])
+        made = False
+        if vm is None and p["Original"]:
+            vm = self.vm_by_id(p["Original"])
+            if vm.state != "Off":
+                raise HostError(
+                    f"Start-VM : the original VM '{vm.name}' is {vm.state}; shut it down "
+                    "before failing back"
+                )
+        if vm is None:
+            if p["TestSwitch"] and p["TestSwitch"] not in self.switches:
+                self.switches[p["TestSwitch"]] = "Private"
+            for n in p["Nics"]:
+                if n["Switch"] not in self.switches:
+                    raise HostError(
+                        f"Add-VMNetworkAdapter : Hyper-V was unable to find a virtual switch "
+                        f'with name "{n["Switch"]}".'
+                    )
+            if p["Name"] in self.vms:
+                raise HostError(f"New-VM : a virtual machine named '{p['Name']}' exists already.")
+            vm = VM(name=p["Name"], generation=p["Generation"], cpus=p["Cpus"],
+                    memory=p["Memory"], state="Off",
+                    notes=f"{p['Notes']} standby:failover={p['FailoverId']};")  # fmt: skip
+            vm.nics = [Nic(n["Name"], n["Mac"], n["Switch"]) for n in p["Nics"]]
+            made = True
+        for d in p["Disks"]:
+            local = self.local(d["Path"])
+            if not local.exists():
+                self.new_vhd_differencing(local, self.local(d["Parent"]))
+            slot = next(
+                (x for x in vm.disks if (x.controller, x.number, x.location)
+                 == (d["Type"], d["Number"], d["Location"])), None,
+            )  # fmt: skip
+            if slot is None:
+                vm.disks.append(Disk(local, d["Type"], d["Number"], d["Location"]))
+            else:
+                slot.path, slot.rct, slot.log = local, str(uuid.uuid4()), []
+        if made:
+            self.vms[vm.name] = vm
+        vm.state = "Running"
+        return {"Id": vm.id, "Name": vm.name, "State": vm.state,
+                "Disks": [self.winpath(d.path) for d in vm.disks]}  # fmt: skip
+
+    def op_remove_vm(self, p: dict[str, Any]) -> None:
+        mark = f"standby:failover={p['FailoverId']};"
+        for name, vm in list(self.vms.items()):
+            test = p.get("TestName") and name == p["TestName"] and "standby:replica" in vm.notes
+            if mark in vm.notes or test:
+                del self.vms[name]  # Remove-VM keeps the disk files, as Hyper-V does
+
+    def op_vm_disks(self, p: dict[str, Any]) -> dict[str, Any] | None:
+        vm = next(
+            (v for v in self.vms.values()
+             if v.id == p["VMId"] or (v.name == p["Name"] and "standby:" not in v.notes)), None,
+        )  # fmt: skip
+        if vm is None:
+            return None
+        return {"Id": vm.id, "Name": vm.name, "State": vm.state,
+                "Disks": [{"Name": d.name, "Path": self.winpath(d.path)} for d in vm.disks]}  # fmt: skip

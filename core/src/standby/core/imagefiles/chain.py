@@ -66,11 +66,23 @@ def base_format(base: PointInfo | None, disk: str) -> str:
     return str(base.ref.get("formats", {}).get(disk, "qcow2")) if base else "qcow2"
 
 
-def prune(drop: Iterable[PointInfo], keep: Iterable[PointInfo]) -> dict[int, dict[str, Any]]:
+def prune(
+    drop: Iterable[PointInfo],
+    keep: Iterable[PointInfo],
+    *,
+    exists: Callable[[str], bool] | None = None,
+    merge_down: Callable[[str, str, str | None, str], None] | None = None,
+) -> dict[int, dict[str, Any]]:
     """Merge the dropped points of a chain away; the new refs of kept points that moved.
 
     Restartable: a merge interrupted after the commit and before the ref moved is found by
-    the successor's file being gone (or equal to the dropped one's) and completed."""
+    the successor's file being gone (or equal to the dropped one's) and completed.
+
+    For chains of other formats, `exists(file)` and `merge_down(mine, child, grandchild,
+    mine's format)` (merge `child` into `mine`, point `grandchild` at `mine`, delete
+    `child`) stand in for the local qcow2 ones."""
+    exists = exists or (lambda f: Path(f).exists())
+    merge_down = merge_down or _merge_qcow2
     drop, keep = list(drop), list(keep)
     points = sorted([*drop, *keep], key=lambda p: p.id)
     dropping = {p.id for p in drop}
@@ -83,18 +95,22 @@ def prune(drop: Iterable[PointInfo], keep: Iterable[PointInfo]) -> dict[int, dic
         chain = [p.id for p in points if disk in refs[p.id]["files"]]
         for pid in [c for c in chain if c in dropping]:
             idx = chain.index(pid)
-            mine = Path(refs[pid]["files"][disk])
+            mine = str(refs[pid]["files"][disk])
             if idx + 1 >= len(chain):
                 raise PluginError(f"cannot prune point {pid}: it is the newest")
             child_id = chain[idx + 1]
-            child = Path(refs[child_id]["files"][disk])
+            child = str(refs[child_id]["files"][disk])
             if child == mine:
                 pass  # merged already in an interrupted prune
-            elif child.exists() and mine.exists():
-                _merge_down(mine, child, refs, chain, idx, disk)
-            elif not mine.exists():
+            elif exists(child) and exists(mine):
+                grandchild = (
+                    str(refs[chain[idx + 2]]["files"][disk]) if idx + 2 < len(chain) else None
+                )
+                fmt_mine = refs[pid].get("formats", {}).get(disk, "qcow2")
+                merge_down(mine, child, grandchild, str(fmt_mine))
+            elif not exists(mine):
                 raise PluginError(f"replica file {mine} of point {pid} is missing")
-            refs[child_id]["files"][disk] = str(mine)
+            refs[child_id]["files"][disk] = mine
             fmt = refs[pid].get("formats", {}).get(disk)
             if fmt and fmt != "qcow2":
                 refs[child_id].setdefault("formats", {})[disk] = fmt
@@ -103,13 +119,9 @@ def prune(drop: Iterable[PointInfo], keep: Iterable[PointInfo]) -> dict[int, dic
     return {pid: refs[pid] for pid in moved if pid not in dropping}
 
 
-def _merge_down(
-    mine: Path, child: Path, refs: dict[int, dict[str, Any]], chain: list[int], idx: int, disk: str
-) -> None:
+def _merge_qcow2(mine: str, child: str, grandchild: str | None, fmt: str) -> None:
     """Commit `child` into `mine`, point the grandchild at `mine`, remove `child`."""
-    qemu_img("commit", "-q", "-f", "qcow2", "-d", str(child))
-    if idx + 2 < len(chain):
-        grandchild = Path(refs[chain[idx + 2]]["files"][disk])
-        fmt = refs[chain[idx]].get("formats", {}).get(disk, "qcow2")
-        qemu_img("rebase", "-q", "-u", "-f", "qcow2", "-b", str(mine), "-F", fmt, str(grandchild))
-    child.unlink()
+    qemu_img("commit", "-q", "-f", "qcow2", "-d", child)
+    if grandchild is not None:
+        qemu_img("rebase", "-q", "-u", "-f", "qcow2", "-b", mine, "-F", fmt, grandchild)
+    Path(child).unlink()

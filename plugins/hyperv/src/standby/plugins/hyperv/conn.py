@@ -48,6 +48,21 @@ class HyperVOptions(SiteOptions):
     """Defaults to `user`."""
     smb_password: SecretRef | None = None
     """Defaults to `password`."""
+    replica_dir: str = "standby"
+    """At a DR site: the folder of `share` that holds replicas and failed-over VMs."""
+    networks: dict[str, str] = Field(default_factory=dict)
+    """At a DR site: source network (switch, port group, libvirt network) -> switch here.
+    Unmapped networks go to a switch of the same name."""
+    test_switch: str = "standby-test"
+    """The private switch (no uplink) test failovers connect to; made when missing."""
+
+    def host_path(self, share_path: str) -> str:
+        """The host's path of a file in the share (`D:\\Hyper-V\\standby\\x.vhdx`)."""
+        if not self.share or not self.share_root:
+            raise ConfigError(
+                f"{self._origin}: keys 'share' and 'share_root' are needed for a DR site"
+            )
+        return self.share_root.replace("/", "\\").rstrip("\\") + "\\" + share_path
 
     def smb_login(self) -> tuple[str, str]:
         """(user, password) for the share."""

@@ -132,3 +132,82 @@ switch ($p.Action) {
 }
 """
 """Start, ask the guest to shut down (without waiting), or turn off."""
+
+# ---------------------------------------------------------------- the DR side
+
+SWITCHES = r"""
+Get-VMSwitch | ForEach-Object { [pscustomobject]@{ Name = $_.Name; SwitchType = $_.SwitchType.ToString() } }
+"""
+"""The host's virtual switches (to check a protection's network mapping)."""
+
+FAILOVER = r"""
+$mark = "standby:failover=$($p.FailoverId);"
+$vm = Get-VM | Where-Object { $_.Notes -like "*$mark*" } | Select-Object -First 1
+$made = $false
+if (-not $vm -and $p.Original) {
+  $vm = Get-VM -Id $p.Original
+  if ($vm.State -ne 'Off') {
+    throw "Start-VM : the original VM '$($vm.Name)' is $($vm.State); shut it down before failing back"
+  }
+}
+if (-not $vm) {
+  if ($p.TestSwitch -and -not (Get-VMSwitch | Where-Object { $_.Name -eq $p.TestSwitch })) {
+    New-VMSwitch -Name $p.TestSwitch -SwitchType Private | Out-Null
+  }
+  $vm = New-VM -Name $p.Name -Generation $p.Generation -MemoryStartupBytes $p.Memory -Path $p.Dir -NoVHD
+  $made = $true
+}
+try {
+  if ($made) {
+    Set-VM -VM $vm -ProcessorCount $p.Cpus -Notes "$($p.Notes) $mark"
+    Get-VMNetworkAdapter -VM $vm | Remove-VMNetworkAdapter
+    foreach ($n in $p.Nics) {
+      Add-VMNetworkAdapter -VM $vm -Name $n.Name -SwitchName $n.Switch -StaticMacAddress $n.Mac
+    }
+    if ($p.Generation -eq 1 -and ($p.Disks | Where-Object { $_.Type -eq 'SCSI' })) {
+      Add-VMScsiController -VM $vm
+    }
+  }
+  foreach ($d in $p.Disks) {
+    if (-not (Test-Path -LiteralPath $d.Path)) {
+      New-VHD -Path $d.Path -ParentPath $d.Parent -Differencing | Out-Null
+    }
+    $drive = Get-VMHardDiskDrive -VM $vm -ControllerType $d.Type -ControllerNumber $d.Number -ControllerLocation $d.Location
+    if ($drive) { Set-VMHardDiskDrive -VMHardDiskDrive $drive -Path $d.Path }
+    else { Add-VMHardDiskDrive -VM $vm -ControllerType $d.Type -ControllerNumber $d.Number -ControllerLocation $d.Location -Path $d.Path }
+  }
+  if ($vm.State -ne 'Running') { Start-VM -VM $vm }
+} catch {
+  if ($made) { Remove-VM -VM $vm -Force }
+  throw
+}
+$vm = Get-VM -Id $vm.VMId
+[pscustomobject]@{ Id = $vm.VMId.Guid; Name = $vm.Name; State = $vm.State.ToString()
+  Disks = @(Get-VMHardDiskDrive -VM $vm | ForEach-Object { $_.Path }) }
+"""
+"""Start a VM on fresh differencing disks over a point: a new one (named, generation kept,
+NICs with their MACs on the mapped switches, or on a private test switch made when missing),
+or the original VM, shut down, with its disks swapped (a failback). A VM made by the same
+failover before an interruption (`standby:failover=<id>;` in its notes) is reused."""
+
+REMOVE_VM = r"""
+Get-VM | Where-Object { $_.Notes -like "*standby:failover=$($p.FailoverId);*" -or
+  ($p.TestName -and $_.Name -eq $p.TestName -and $_.Notes -like '*standby:replica*') } | ForEach-Object {
+  if ($_.State -ne 'Off') { Stop-VM -VM $_ -TurnOff -Force }
+  Remove-VM -VM $_ -Force
+}
+"""
+"""Remove what a failover made (VMs carrying its mark, or standby's test VM of that name:
+never an original VM)."""
+
+VM_DISKS = r"""
+$vm = Get-VM | Where-Object { $_.VMId.Guid -eq $p.VMId -or ($_.Name -eq $p.Name -and $_.Notes -notlike '*standby:*') } | Select-Object -First 1
+if ($vm) {
+  [pscustomobject]@{ Id = $vm.VMId.Guid; Name = $vm.Name; State = $vm.State.ToString()
+    Disks = @(Get-VMHardDiskDrive -VM $vm | ForEach-Object {
+      [pscustomobject]@{
+        Name = "$($_.ControllerType)$($_.ControllerNumber)-$($_.ControllerLocation)".ToLower()
+        Path = $_.Path } }) }
+}
+"""
+"""The original VM of a re-protection (by id, else by name), its state and disk files."""

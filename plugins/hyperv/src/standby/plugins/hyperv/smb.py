@@ -1,9 +1,12 @@
-"""A file on an SMB share as a `pread` source (smbprotocol): how a Hyper-V host's VHDX files
-are read where standby runs. SMB 3 with encryption required and signing as the server asks;
-reads are split at the server's maximum read size."""
+"""Files on an SMB share (smbprotocol): how a Hyper-V host's VHDX files are read, and the DR
+host's replica files written, where standby runs. SMB 3 with encryption required and signing
+as the server asks; reads and writes are split at the server's maximum sizes and pipelined
+within the connection's credits. `SmbShare` does the file management (folders, deletes,
+renames) through smbclient."""
 
 from __future__ import annotations
 
+import errno
 import threading
 import uuid
 from typing import Any
@@ -12,10 +15,19 @@ from standby.core.errors import AuthError, NotFound, PluginError, TransientError
 
 
 class SmbFile:
-    """`\\\\host\\share\\path` opened for reading."""
+    """`\\\\host\\share\\path` opened for reading (or, `write`, for reading and writing;
+    `create` makes it when missing)."""
 
     def __init__(
-        self, host: str, share: str, path: str, user: str, password: str, port: int = 445
+        self,
+        host: str,
+        share: str,
+        path: str,
+        user: str,
+        password: str,
+        port: int = 445,
+        write: bool = False,
+        create: bool = False,
     ) -> None:
         from smbprotocol.connection import Connection
         from smbprotocol.exceptions import LogonFailure, ObjectNameNotFound, SMBException
@@ -31,7 +43,7 @@ class SmbFile:
             session.connect()
             tree = TreeConnect(session, f"\\\\{host}\\{share}")
             tree.connect()
-            self.file = self._open(tree, path)
+            self.file = self._open(tree, path, write, create)
         except LogonFailure:
             self.close()
             raise AuthError(f"SMB {host}: login failed for user '{user}'") from None
@@ -43,9 +55,11 @@ class SmbFile:
             raise TransientError(f"{self.where}: {exc}") from exc
         # One MiB a request: 16 credits, which every server grants a fresh session.
         self.max_read = min(int(self.conn.max_read_size), 1 << 20)
+        self.max_write = min(int(self.conn.max_write_size), 1 << 20)
+        self._size = int(self.file.end_of_file)
 
     @staticmethod
-    def _open(tree: Any, path: str) -> Any:
+    def _open(tree: Any, path: str, write: bool = False, create: bool = False) -> Any:
         from smbprotocol.open import (
             CreateDisposition,
             CreateOptions,
@@ -56,20 +70,23 @@ class SmbFile:
             ShareAccess,
         )
 
+        access = FilePipePrinterAccessMask.GENERIC_READ
+        if write:
+            access |= FilePipePrinterAccessMask.GENERIC_WRITE
         f = Open(tree, path)
         f.create(
             ImpersonationLevel.Impersonation,
-            FilePipePrinterAccessMask.GENERIC_READ,
+            access,
             FileAttributes.FILE_ATTRIBUTE_NORMAL,
             ShareAccess.FILE_SHARE_READ | ShareAccess.FILE_SHARE_WRITE,
-            CreateDisposition.FILE_OPEN,
+            CreateDisposition.FILE_OPEN_IF if create else CreateDisposition.FILE_OPEN,
             CreateOptions.FILE_NON_DIRECTORY_FILE,
         )
         return f
 
     @property
     def size(self) -> int:
-        return int(self.file.end_of_file)
+        return self._size
 
     def pread(self, length: int, offset: int) -> bytes:
         """Up to `length` bytes at `offset` (fewer at the end of the file), its SMB requests
@@ -116,6 +133,53 @@ class SmbFile:
             raise TransientError(f"{self.where}: batched read failed: {exc}") from exc
         return [parts[0] if len(parts) == 1 else b"".join(parts) for parts in out]
 
+    def pwrite_many(self, pieces: list[tuple[int, bytes | bytearray | memoryview]]) -> None:
+        """(offset, data) writes with their requests in flight together on this connection
+        (as many as its credits allow); done when every one is acknowledged."""
+        from smbprotocol.exceptions import SMBException
+
+        split: list[tuple[int, memoryview]] = []
+        for offset, data in pieces:
+            view = memoryview(data).cast("B")
+            split += [
+                (offset + o, view[o : o + self.max_write])
+                for o in range(0, len(view), self.max_write)
+            ]
+        tree = self.file.tree_connect
+        sid, tid = tree.session.session_id, tree.tree_connect_id
+        try:
+            with self._lock:
+                at = 0
+                while at < len(split):
+                    window = self.conn.sequence_window
+                    credits = max(1, int(window["high"]) - int(window["low"]))
+                    sent: list[tuple[int, Any, Any]] = []
+                    used = 0
+                    while at < len(split):
+                        offset, view = split[at]
+                        charge = max(1, -(-len(view) // 65536))
+                        if sent and used + charge > credits:
+                            break
+                        msg, receive = self.file.write(bytes(view), offset, send=False)
+                        sent.append((len(view), self.conn.send(msg, sid, tid), receive))
+                        used, at = used + charge, at + 1
+                    for n, request, receive in sent:
+                        if receive(request) != n:
+                            raise SMBException("short write")
+                self._size = max([self._size, *(o + len(v) for o, v in split)])
+        except (SMBException, OSError) as exc:
+            raise TransientError(f"{self.where}: write failed: {exc}") from exc
+
+    def flush(self) -> None:
+        """Ask the server to make this file's writes durable."""
+        from smbprotocol.exceptions import SMBException
+
+        try:
+            with self._lock:
+                self.file.flush()
+        except (SMBException, OSError) as exc:
+            raise TransientError(f"{self.where}: flush failed: {exc}") from exc
+
     def close(self) -> None:
         try:
             self.conn.disconnect(True)
@@ -132,8 +196,8 @@ def check_path(path: str) -> str:
 
 
 class SmbPool:
-    """Up to `size` connections to one file, lent to reading threads in turn: the engine's
-    reads of a disk are in flight together instead of queueing on one connection."""
+    """Up to `size` connections to one file, lent to the engine's threads in turn: the reads
+    (or writes) of a disk are in flight together instead of queueing on one connection."""
 
     def __init__(self, opener: Any, size: int) -> None:
         self._opener, self._size = opener, max(1, size)
@@ -181,9 +245,148 @@ class SmbPool:
                 self._idle.append(f)
                 self._cond.notify()
 
+    def pwrite_many(self, pieces: list[tuple[int, bytes | bytearray | memoryview]]) -> None:
+        f = self._borrow()
+        try:
+            f.pwrite_many(pieces)
+        finally:
+            with self._cond:
+                self.size = max(self.size, f.size)
+                for other in self._all:  # every connection reads up to the new end
+                    other._size = max(other._size, self.size)
+                self._idle.append(f)
+                self._cond.notify()
+
+    def flush(self) -> None:
+        """Flush every connection's handle (each one's writes reach the disk)."""
+        with self._cond:
+            files = list(self._all)
+        for f in files:
+            f.flush()
+
     def close(self) -> None:
         with self._cond:
             files, self._all, self._idle = self._all, [], []
         for f in files:
             if isinstance(f, SmbFile):
                 f.close()
+
+
+class SmbShare:
+    """Folder and file management on one share (smbclient, its own connection cache)."""
+
+    def __init__(self, host: str, share: str, user: str, password: str, port: int = 445) -> None:
+        import smbclient
+        from smbprotocol.exceptions import LogonFailure, SMBException
+
+        self.host, self.share, self.port = host, share, port
+        self.user, self.password = user, password
+        self.cache: dict[str, Any] = {}
+        try:
+            smbclient.register_session(
+                host, user, password, port=port, encrypt=True, connection_cache=self.cache
+            )
+        except LogonFailure:
+            raise AuthError(f"SMB {host}: login failed for user '{user}'") from None
+        except (SMBException, OSError, ValueError) as exc:
+            raise TransientError(f"SMB {host}:{port}: {exc}") from exc
+
+    def unc(self, path: str) -> str:
+        return f"\\\\{self.host}\\{self.share}\\{check_path(path)}"
+
+    def _kw(self) -> dict[str, Any]:
+        return {"port": self.port, "connection_cache": self.cache}
+
+    def _call(self, what: str, path: str, fn: Any, *args: Any) -> Any:
+        from smbprotocol.exceptions import SMBException
+
+        try:
+            return fn(*args, **self._kw())
+        except (SMBException, OSError) as exc:
+            if isinstance(exc, FileNotFoundError) or getattr(exc, "errno", None) == errno.ENOENT:
+                raise NotFound(f"{self.unc(path)} not found") from None
+            raise TransientError(f"{self.unc(path)}: {what} failed: {exc}") from exc
+
+    def makedirs(self, path: str) -> None:
+        import smbclient
+
+        self._call(
+            "mkdir", path, lambda **kw: smbclient.makedirs(self.unc(path), exist_ok=True, **kw)
+        )
+
+    def exists(self, path: str) -> bool:
+        import smbclient
+
+        try:
+            self._call("stat", path, smbclient.stat, self.unc(path))
+        except NotFound:
+            return False
+        return True
+
+    def size(self, path: str) -> int:
+        import smbclient
+
+        return int(self._call("stat", path, smbclient.stat, self.unc(path)).st_size)
+
+    def listdir(self, path: str) -> list[str]:
+        import smbclient
+
+        try:
+            return sorted(self._call("list", path, smbclient.listdir, self.unc(path)))
+        except NotFound:
+            return []
+
+    def remove(self, path: str) -> None:
+        """Delete a file; a missing one is fine."""
+        import smbclient
+
+        try:
+            self._call("delete", path, smbclient.remove, self.unc(path))
+        except NotFound:
+            pass
+
+    def rmtree(self, path: str) -> None:
+        """Delete a folder and everything in it; a missing one is fine."""
+        import smbclient
+
+        if not self.exists(path):
+            return
+        for name in self.listdir(path):
+            child = f"{check_path(path)}\\{name}"
+            entry = self._call("stat", child, smbclient.lstat, self.unc(child))
+            if entry.st_mode & 0o040000:
+                self.rmtree(child)
+            else:
+                self.remove(child)
+        self._call("rmdir", path, smbclient.rmdir, self.unc(path))
+
+    def write_text(self, path: str, text: str) -> None:
+        import smbclient
+
+        def put(**kw: Any) -> None:
+            with smbclient.open_file(self.unc(path), mode="w", encoding="utf-8", **kw) as f:
+                f.write(text)
+
+        self._call("write", path, put)
+
+    def read_text(self, path: str) -> str:
+        import smbclient
+
+        def get(**kw: Any) -> str:
+            with smbclient.open_file(self.unc(path), mode="r", encoding="utf-8", **kw) as f:
+                return str(f.read())
+
+        return str(self._call("read", path, get))
+
+    def rename(self, src: str, dst: str) -> None:
+        import smbclient
+
+        self._call("rename", src, smbclient.rename, self.unc(src), self.unc(dst))
+
+    def close(self) -> None:
+        import smbclient
+
+        try:
+            smbclient.reset_connection_cache(connection_cache=self.cache)
+        except Exception:  # a connection already gone
+            pass

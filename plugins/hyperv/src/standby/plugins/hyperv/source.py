@@ -22,19 +22,18 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from standby.core.config import Site
-from standby.core.errors import CapabilityNotSupported, PluginError, StandbyError
+from standby.core.errors import PluginError, StandbyError
 from standby.core.interfaces import Buffer, Snapshot, Source, SourceCapabilities
 from standby.core.model import Consistency, Extent, VMSpec
 
-from . import inventory, scripts
+from . import files, inventory, scripts
 from .conn import HyperVOptions, PowerShell, as_list
-from .smb import SmbFile, SmbPool
 from .vhdx import VhdxReader
 
 log = logging.getLogger(__name__)
 
 PREFIX = "standby-cycle-"
-READS_PER_DISK = 4
+READS_PER_DISK = files.CONNECTIONS
 
 
 @dataclass
@@ -156,11 +155,6 @@ class HyperVSource(Source):
         self, vm: VMSpec, snap: Snapshot, raw: dict[str, Any], since: Mapping[str, str | None]
     ) -> None:
         name = str(raw["Name"])
-        if raw.get("ParentPath"):
-            raise CapabilityNotSupported(
-                f"VM '{vm.name}' has checkpoints of its own (disk {name} is a differencing "
-                "disk): standby reads base VHDX files; delete or merge them first"
-            )
         rct = str(raw.get("Rct") or "") or None
         disk = _Disk(path=str(raw["Path"]), size=int(raw["Size"]), rct=rct)
         handle: _Handle = snap.handle
@@ -186,17 +180,8 @@ class HyperVSource(Source):
     def _reader(self, handle: _Handle, name: str) -> VhdxReader:
         disk = handle.disks[name]
         if disk.reader is None:
-            rel = self.opts.share_path(disk.path, f"site '{self.site.name}': disk {name}")
-            user, password = self.opts.smb_login()
-            host = self.opts.smb_host or self.opts.host
-            share, port = str(self.opts.share), self.opts.smb_port
-
-            def opener() -> SmbFile:
-                return SmbFile(host, share, rel, user, password, port=port)
-
-            pool = SmbPool(opener, READS_PER_DISK)
-            handle.stack.callback(pool.close)
-            disk.reader = VhdxReader(pool, pool.where)
+            what = f"site '{self.site.name}': disk {name}"
+            disk.reader = files.open_chain(self.opts, disk.path, what, handle.stack)
         return disk.reader
 
     def changed_extents(self, snapshot: Snapshot, disk: str) -> Iterator[Extent]:

@@ -1,0 +1,174 @@
+"""Hyper-V as the DR site (the WinRM double, its share served by Samba): KVM -> Hyper-V cycles
+with a differencing VHDX per point, judged byte for byte against the KVM disk as qemu-img
+reads it; retention merging points; a drill on the private switch; an unplanned failover.
+And the way home: Hyper-V -> KVM planned failover, re-protect seeded from the original VHDX,
+failback onto the original Hyper-V VM, and protection from Hyper-V again (the VM now runs on
+a differencing chain, which the source reads)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_lifecycle import domain_disk
+
+from standby.core.config import Policy
+from standby.plugins.hyperv import vhdx
+from standby.plugins.physical import lab
+from support.hyperv import HyperVLab, start_hyperv
+from support.labenv import Lab, MiB
+
+POLICY = Policy(shutdown_timeout_seconds=1, retain_count=2)
+
+
+@pytest.fixture(scope="module")
+def hv(labenv: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HyperVLab]:
+    host = start_hyperv(tmp_path_factory.mktemp("hvdr"), env_prefix="STANDBY_TEST_HVDR")
+    try:
+        yield host
+    finally:
+        labenv.release()
+        host.stop()
+
+
+def chain_bytes(hv: HyperVLab, winpath: str) -> bytes:
+    """The guest bytes of the VHDX the host calls `winpath`, through its parents."""
+    opened: list[vhdx.LocalFile] = []
+
+    def parent(loc: dict[str, str], child: str) -> tuple[vhdx.LocalFile, str]:
+        path = vhdx.parent_path(loc, child)
+        opened.append(vhdx.LocalFile(hv.model.local(path)))
+        return opened[-1], path
+
+    top = vhdx.LocalFile(hv.model.local(winpath))
+    opened.append(top)
+    try:
+        r = vhdx.VhdxReader(top, winpath, parent)
+        return r.read(0, r.size)
+    finally:
+        for f in opened:
+            f.close()
+
+
+def raw_of(path: Path, fmt: str, tmp: Path) -> bytes:
+    out = tmp / f"{path.name}.raw"
+    subprocess.run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", str(path), str(out)],
+                   check=True)  # fmt: skip
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+def points(env: Lab, vm: str) -> list[dict[str, str]]:
+    with env.engine.state.session() as s:
+        prot = env.engine.state.protection(s, vm)
+        return [dict(p.ref["files"]) for p in prot.points if p.state == "visible"]
+
+
+def test_kvm_to_hyperv_cycles_retention_drill_and_failover(
+    labenv: Lab, hv: HyperVLab, tmp_path: Path
+) -> None:
+    env, host = labenv, hv.model
+    env.create_vm("kh1", [("vda", 24 * MiB, "qcow2")])
+    env.write("kh1", "vda", 0, 3 * MiB, 0x41)
+    nets = {n.network for n in env.engine.source("src").get_vm("kh1").nics}
+    hv.write_site(env.home, "hvdr", networks={n: "LAN" for n in nets})
+    env.release()
+    e, life = env.engine, env.lifecycle
+
+    def assert_latest_equals_source() -> None:
+        env.flush("kh1", "vda")
+        want = raw_of(env.disk_path("kh1", "vda"), "qcow2", tmp_path)
+        assert chain_bytes(hv, points(env, "kh1")[-1]["vda"]) == want
+
+    e.protect("kh1", "src", "hvdr", POLICY)
+    assert e.replicate("kh1").kind == "full"
+    assert_latest_equals_source()
+    for i, at in enumerate((5 * MiB, 11 * MiB, 17 * MiB)):
+        env.write("kh1", "vda", at, 65536, 0x50 + i)
+        inc = e.replicate("kh1")
+        assert inc.kind == "incremental" and inc.bytes_written == 65536
+        assert_latest_equals_source()
+    # retention kept 2 points: the older ones were merged down, and their files are gone
+    kept = points(env, "kh1")
+    assert len(kept) == 2
+    folder = host.local(kept[-1]["vda"]).parent
+    assert sorted(p.name for p in folder.glob("*.vhdx")) == sorted(
+        host.local(f["vda"]).name for f in kept
+    )
+
+    # a drill: the test VM runs on its own differencing disk, on the private switch
+    env.write("kh1", "vda", 20 * MiB, 65536, 0x7E)  # after the point: not in the drill
+    latest = chain_bytes(hv, kept[-1]["vda"])
+    fo = life.failover("kh1", kind="test")
+    test_vm = host.vms["kh1-test"]
+    assert test_vm.state == "Running" and host.switches["standby-test"] == "Private"
+    assert [n.switch for n in test_vm.nics] == ["standby-test"] * len(nets)
+    assert chain_bytes(hv, host.winpath(test_vm.disks[0].path)) == latest
+    life.cleanup("kh1")
+    assert "kh1-test" not in host.vms and not Path(host.local(fo.ref["files"]["vda"])).exists()
+
+    # unplanned: a generation 1 VM (the KVM VM boots with BIOS), IDE 0:0, MACs kept, on LAN
+    real = life.failover("kh1", kind="unplanned")
+    vm = host.vms["kh1"]
+    assert vm.state == "Running" and vm.generation == 1 and "standby:replica" not in vm.notes
+    assert (vm.disks[0].controller, vm.disks[0].number, vm.disks[0].location) == ("IDE", 0, 0)
+    src_macs = [n.mac.replace(":", "").upper() for n in e.source("src").get_vm("kh1").nics]
+    assert [n.mac for n in vm.nics] == src_macs and {n.switch for n in vm.nics} <= {"LAN"}
+    assert chain_bytes(hv, real.ref["files"]["vda"]) == latest
+
+
+def test_hyperv_failover_to_kvm_then_failback_onto_the_original_vm(
+    labenv: Lab, hv: HyperVLab, tmp_path: Path
+) -> None:
+    env, host = labenv, hv.model
+    vm = host.add_vm("hb1", [16])
+    disk = vm.disks[0].name
+    original = vm.disks[0].path
+    host.guest_write("hb1", 0, MiB, b"\x31" * (2 * MiB))
+    hv.write_site(env.home, "hv")
+    env.release()
+    e, life = env.engine, env.lifecycle
+    e.protect("hb1", "hv", "dr", POLICY)
+    e.replicate("hb1")
+    host.guest_write("hb1", 0, 6 * MiB, b"\x36" * 65536)  # just before the planned failover
+
+    planned = life.failover("hb1", kind="planned")
+    assert planned.data_loss_seconds == 0 and host.vms["hb1"].state == "Off"
+    assert env.dr.lookupByName("hb1").isActive() == 1
+    life.commit("hb1")
+    life.reprotect("hb1")  # KVM -> Hyper-V, seeded from the original VHDX
+    dev = next(iter(domain_disk_devs(env, "hb1")))
+    lab.guest_write(env.dr, "hb1", dev, 9 * MiB, 65536, 0x99)
+    back = e.replicate("hb1")
+    assert back.bytes_written == 65536, "only the block written at the DR site travels back"
+    before = raw_of(original, "vhdx", tmp_path)
+
+    fb = life.failback("hb1")
+    assert fb.kind == "planned" and fb.vm_name == "hb1"
+    assert env.dr.lookupByName("hb1").isActive() == 0
+    home = host.vms["hb1"]
+    assert home.state == "Running" and home.id == vm.id, "the original VM runs again"
+    assert home.disks[0].path != original, "on a differencing disk over the failed-back point"
+    data = chain_bytes(hv, host.winpath(home.disks[0].path))
+    kvm = raw_of(domain_disk(env.dr, "hb1", dev), "qcow2", tmp_path)
+    assert data == kvm, "the VM came home with exactly what it had at the DR site"
+    assert data[9 * MiB : 9 * MiB + 65536] == b"\x99" * 65536
+    assert data[6 * MiB : 6 * MiB + 65536] == b"\x36" * 65536
+    assert raw_of(original, "vhdx", tmp_path) == before, "the original VHDX is only a parent"
+
+    # and protected from Hyper-V again: the source reads the VM's differencing chain
+    life.commit("hb1")
+    life.reprotect("hb1")
+    host.guest_write("hb1", 0, 12 * MiB, b"\xc1" * 65536)
+    again = e.replicate("hb1")
+    assert again.bytes_written == 65536
+    assert disk == home.disks[0].name
+
+
+def domain_disk_devs(env: Lab, name: str) -> list[str]:
+    from standby.plugins.physical.domxml import disk_sources
+
+    return list(disk_sources(env.dr.lookupByName(name).XMLDesc(0)))
