@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from typing import Any, ClassVar
@@ -82,6 +83,7 @@ class HyperVWriter(ReplicaWriter):
         self.writers: dict[str, vhdx.VhdxWriter] = {}
         self.readers: dict[str, vhdx.VhdxReader] = {}
         self.read_stack = ExitStack()
+        self._reading = threading.Lock()
         self.committed = False
         for disk, path in files_.items():
             pool = files.pool(target.opts, path, f"replica of disk {disk}", write=True)
@@ -98,12 +100,15 @@ class HyperVWriter(ReplicaWriter):
         self.writers[disk].write_zeroes(extent.offset, extent.length)
 
     def read(self, disk: str, extent: Extent) -> Buffer:
-        reader = self.readers.get(disk)
-        if reader is None:  # read back what the file says, so its BAT goes first
-            self.writers[disk].flush()
-            what = f"replica of disk {disk}"
-            reader = files.open_chain(self.target.opts, self.files[disk], what, self.read_stack)
-            self.readers[disk] = reader
+        with self._reading:
+            reader = self.readers.get(disk)
+            if reader is None:  # read back what the file says, so its BAT goes first
+                self.writers[disk].flush()
+                what = f"replica of disk {disk}"
+                reader = files.open_chain(
+                    self.target.opts, self.files[disk], what, self.read_stack
+                )
+                self.readers[disk] = reader
         return reader.read(extent.offset, extent.length)
 
     def flush(self) -> None:

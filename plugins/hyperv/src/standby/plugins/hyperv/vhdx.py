@@ -603,6 +603,7 @@ class VhdxWriter:
         self._dirty_bat: set[int] = set()
         self._dirty_maps: set[int] = set()
         self._lock = threading.Lock()
+        self._flushing = threading.Lock()
 
     @classmethod
     def reopen(cls, f: WritableFile, where: str, file_size: int) -> VhdxWriter:
@@ -701,7 +702,13 @@ class VhdxWriter:
             self.written_to = max([self.written_to, *(at + n for at, _d, n in places)])
 
     def flush(self) -> None:
-        """Data first, then bitmaps and the BAT pages that changed, then the file's flush."""
+        """Data first, then bitmaps and the BAT pages that changed, then the file's flush.
+        One flush at a time: a second caller returns only once the first one's BAT is on
+        the file (a reader opened after it sees every block)."""
+        with self._flushing:
+            self._flush()
+
+    def _flush(self) -> None:
         with self._lock:
             lay = self.lay
             pieces: list[tuple[int, bytes | bytearray | memoryview]] = []

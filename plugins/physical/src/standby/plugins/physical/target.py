@@ -509,13 +509,16 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
                 )
             sources = disk_sources(dom.XMLDesc(0))
         files = {d: str(v["file"]) for d, v in sources.items() if v.get("file")}
-        if not all(d.name in files for d in protection.vm.disks):
+        names = [d.name for d in protection.vm.disks]
+        if all(n in files for n in names):
+            devs = dict(zip(names, names, strict=True))
+        elif len(files) == len(names):  # the VM came from another platform: disks in order
+            devs = dict(zip(names, files, strict=True))
+        else:
             return None
         return {
-            "files": {d.name: files[d.name] for d in protection.vm.disks},
-            "formats": {
-                d.name: sources[d.name].get("format") or "raw" for d in protection.vm.disks
-            },
+            "files": {n: files[dev] for n, dev in devs.items()},
+            "formats": {n: sources[dev].get("format") or "raw" for n, dev in devs.items()},
             "seed": True,
         }
 
