@@ -283,7 +283,8 @@ class HyperVHost:
                     err = str(exc)
             disks.append({
                 "Name": d.name, "Path": self.winpath(frozen), "Size": vhdx_size(frozen),
-                "ParentPath": self._parent(frozen), "Rct": d.rct_id(seq), "Changes": changes, "ChangeError": err,
+                "ParentPath": self._parent(frozen), "Rct": d.rct_id(seq), "Changes": changes,
+                "ChangeError": err,
             })  # fmt: skip
         return {"Id": cp.id, "Name": cp.name, "Kind": kind, "Notes": notes, "Disks": disks}
 
@@ -392,5 +393,5 @@ class HyperVHost:
         )  # fmt: skip
         if vm is None:
             return None
-        return {"Id": vm.id, "Name": vm.name, "State": vm.state,
-                "Disks": [{"Name": d.name, "Path": self.winpath(d.path)} for d in vm.disks]}  # fmt: skip
+        disks = [{"Name": d.name, "Path": self.winpath(d.path)} for d in vm.disks]
+        return {"Id": vm.id, "Name": vm.name, "State": vm.state, "Disks": disks}

@@ -3,11 +3,12 @@ is Hyper-V's own (checkpoints, RCT, the round trips a cycle costs)."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
-from standby.core.errors import CapabilityNotSupported
 from standby.core.model import Consistency, Extent
 from standby.core.testing import SourceContract
 from standby.plugins.hyperv.source import HyperVSource
@@ -106,21 +107,32 @@ def test_an_rct_id_the_host_refuses_is_a_compared_full_read(
     assert not source.token_valid(vm, str(tokens[disk]))
 
 
-def test_a_disk_on_a_differencing_vhdx_is_refused_with_the_reason(
-    hv: HyperVLab, source: HyperVSource, monkeypatch: pytest.MonkeyPatch
+def test_a_disk_on_a_differencing_chain_reads_through_its_parent(
+    hv: HyperVLab, source: HyperVSource, tmp_path: Path
 ) -> None:
-    vm = source.get_vm("web01")
-    real = hv.model.op_checkpoint
-
-    def with_parent(p: dict[str, object]) -> dict[str, object]:
-        out = real(p)
-        out["Disks"][0]["ParentPath"] = "C:\\Hyper-V\\web01\\base.vhdx"  # type: ignore[index]
-        return out
-
-    monkeypatch.setattr(hv.model, "op_checkpoint", with_parent)
-    with (
-        pytest.raises(CapabilityNotSupported, match="has checkpoints of its own"),
-        source.open_snapshot(vm, Consistency.CRASH, {}),
-    ):
-        pass
-    assert not hv.model.vms["web01"].checkpoints
+    """A VM running on a differencing VHDX (its own checkpoint, or a failback onto a point):
+    the frozen file's parent locator is followed over the share, and the bytes are the
+    parent's as qemu-img reads them with the child's writes on top."""
+    host = hv.model
+    vm = host.add_vm("chained", [8])
+    base = vm.disks[0].path
+    host.guest_write("chained", 0, 0, b"\x0b" * (3 * MiB))
+    child = base.with_name("disk0-child.avhdx")
+    host.new_vhd_differencing(child, base)
+    vm.disks[0].path = child
+    host.guest_write("chained", 0, 2 * MiB + 512, b"\xc4" * 4096)
+    raw = tmp_path / "base.raw"
+    subprocess.run(["qemu-img", "convert", "-U", "-f", "vhdx", "-O", "raw", str(base), str(raw)],
+                   check=True)  # fmt: skip
+    want = bytearray(raw.read_bytes())
+    want[2 * MiB + 512 : 2 * MiB + 4608] = b"\xc4" * 4096
+    spec = source.get_vm("chained")
+    disk = spec.disks[0].name
+    with source.open_snapshot(spec, Consistency.CRASH, {}) as snap:
+        extents = list(source.changed_extents(snap, disk))
+        assert extents[0].offset == 0 and extents[-1].end >= 3 * MiB, "the parent's data too"
+        for e in extents:
+            assert bytes(source.read(snap, disk, e)) == bytes(want[e.offset : e.end])
+        assert source.read(snap, disk, Extent(0, spec.disks[0].size)) == bytes(want)
+    assert not host.vms["chained"].checkpoints
+    del host.vms["chained"]

@@ -60,6 +60,7 @@ def test_not_a_vhdx_is_refused_by_name(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- the writer
 
+
 def _writes(rng: random.Random, size: int, n: int) -> list[tuple[int, bytes]]:
     out = []
     for _ in range(n):

@@ -105,9 +105,7 @@ class HyperVWriter(ReplicaWriter):
             if reader is None:  # read back what the file says, so its BAT goes first
                 self.writers[disk].flush()
                 what = f"replica of disk {disk}"
-                reader = files.open_chain(
-                    self.target.opts, self.files[disk], what, self.read_stack
-                )
+                reader = files.open_chain(self.target.opts, self.files[disk], what, self.read_stack)
                 self.readers[disk] = reader
         return reader.read(extent.offset, extent.length)
 
