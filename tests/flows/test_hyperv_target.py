@@ -15,7 +15,6 @@ import pytest
 from test_lifecycle import domain_disk
 
 from standby.core.config import Policy
-from standby.plugins.hyperv import vhdx
 from standby.plugins.physical import lab
 from support.hyperv import HyperVLab, start_hyperv
 from support.labenv import Lab, MiB
@@ -31,25 +30,6 @@ def hv(labenv: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HyperV
     finally:
         labenv.release()
         host.stop()
-
-
-def chain_bytes(hv: HyperVLab, winpath: str) -> bytes:
-    """The guest bytes of the VHDX the host calls `winpath`, through its parents."""
-    opened: list[vhdx.LocalFile] = []
-
-    def parent(loc: dict[str, str], child: str) -> tuple[vhdx.LocalFile, str]:
-        path = vhdx.parent_path(loc, child)
-        opened.append(vhdx.LocalFile(hv.model.local(path)))
-        return opened[-1], path
-
-    top = vhdx.LocalFile(hv.model.local(winpath))
-    opened.append(top)
-    try:
-        r = vhdx.VhdxReader(top, winpath, parent)
-        return r.read(0, r.size)
-    finally:
-        for f in opened:
-            f.close()
 
 
 def raw_of(path: Path, fmt: str, tmp: Path) -> bytes:
@@ -81,7 +61,7 @@ def test_kvm_to_hyperv_cycles_retention_drill_and_failover(
     def assert_latest_equals_source() -> None:
         env.flush("kh1", "vda")
         want = raw_of(env.disk_path("kh1", "vda"), "qcow2", tmp_path)
-        assert chain_bytes(hv, points(env, "kh1")[-1]["vda"]) == want
+        assert hv.chain_bytes(points(env, "kh1")[-1]["vda"]) == want
 
     e.protect("kh1", "src", "hvdr", POLICY)
     assert e.replicate("kh1").kind == "full"
@@ -101,12 +81,12 @@ def test_kvm_to_hyperv_cycles_retention_drill_and_failover(
 
     # a drill: the test VM runs on its own differencing disk, on the private switch
     env.write("kh1", "vda", 20 * MiB, 65536, 0x7E)  # after the point: not in the drill
-    latest = chain_bytes(hv, kept[-1]["vda"])
+    latest = hv.chain_bytes(kept[-1]["vda"])
     fo = life.failover("kh1", kind="test")
     test_vm = host.vms["kh1-test"]
     assert test_vm.state == "Running" and host.switches["standby-test"] == "Private"
     assert [n.switch for n in test_vm.nics] == ["standby-test"] * len(nets)
-    assert chain_bytes(hv, host.winpath(test_vm.disks[0].path)) == latest
+    assert hv.chain_bytes(host.winpath(test_vm.disks[0].path)) == latest
     life.cleanup("kh1")
     assert "kh1-test" not in host.vms and not Path(host.local(fo.ref["files"]["vda"])).exists()
 
@@ -117,7 +97,7 @@ def test_kvm_to_hyperv_cycles_retention_drill_and_failover(
     assert (vm.disks[0].controller, vm.disks[0].number, vm.disks[0].location) == ("IDE", 0, 0)
     src_macs = [n.mac.replace(":", "").upper() for n in e.source("src").get_vm("kh1").nics]
     assert [n.mac for n in vm.nics] == src_macs and {n.switch for n in vm.nics} <= {"LAN"}
-    assert chain_bytes(hv, real.ref["files"]["vda"]) == latest
+    assert hv.chain_bytes(real.ref["files"]["vda"]) == latest
 
 
 def test_hyperv_failover_to_kvm_then_failback_onto_the_original_vm(
@@ -152,7 +132,7 @@ def test_hyperv_failover_to_kvm_then_failback_onto_the_original_vm(
     home = host.vms["hb1"]
     assert home.state == "Running" and home.id == vm.id, "the original VM runs again"
     assert home.disks[0].path != original, "on a differencing disk over the failed-back point"
-    data = chain_bytes(hv, host.winpath(home.disks[0].path))
+    data = hv.chain_bytes(host.winpath(home.disks[0].path))
     kvm = raw_of(domain_disk(env.dr, "hb1", dev), "qcow2", tmp_path)
     assert data == kvm, "the VM came home with exactly what it had at the DR site"
     assert data[9 * MiB : 9 * MiB + 65536] == b"\x99" * 65536

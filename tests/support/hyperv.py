@@ -14,6 +14,7 @@ from doubles.samba import Samba, start_samba
 from doubles.winrm import WinRMDouble
 
 from standby.core.config import Site
+from standby.plugins.hyperv import vhdx
 
 USER, PASSWORD = "HV\\standby", "Hv-p4ss!"
 
@@ -55,6 +56,24 @@ class HyperVLab:
         (home / "sites" / f"{name}.toml").write_text(
             "".join(f"{k} = {_toml(v)}\n" for k, v in keys.items() if v is not None)
         )
+
+    def chain_bytes(self, winpath: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Guest bytes of the VHDX the host calls `winpath`, read through its parents (the
+        files under the host's folder, not over the share)."""
+        opened: list[vhdx.LocalFile] = []
+
+        def parent(loc: dict[str, str], child: str) -> tuple[vhdx.LocalFile, str]:
+            path = vhdx.parent_path(loc, child)
+            opened.append(vhdx.LocalFile(self.model.local(path)))
+            return opened[-1], path
+
+        opened.append(vhdx.LocalFile(self.model.local(winpath)))
+        try:
+            r = vhdx.VhdxReader(opened[0], winpath, parent)
+            return r.read(offset, r.size - offset if length is None else length)
+        finally:
+            for f in opened:
+                f.close()
 
     def stop(self) -> None:
         try:
