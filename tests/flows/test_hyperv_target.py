@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 from test_lifecycle import domain_disk
+from test_physical_to_azure import _managed_disk
 
 from standby.core.config import Policy
 from standby.plugins.physical import lab
 from support.hyperv import HyperVLab, start_hyperv
-from support.labenv import Lab, MiB
+from support.azure import AzureEnv
+from support.labenv import Lab, MiB, write_site
 
 POLICY = Policy(shutdown_timeout_seconds=1, retain_count=2)
 
@@ -152,3 +154,43 @@ def domain_disk_devs(env: Lab, name: str) -> list[str]:
     from standby.plugins.physical.domxml import disk_sources
 
     return list(disk_sources(env.dr.lookupByName(name).XMLDesc(0)))
+
+
+def test_hyperv_to_azure_planned_then_failback_from_azure(
+    labenv: Lab, hv: HyperVLab, azenv: AzureEnv
+) -> None:
+    """Hyper-V -> Azure (planned, zero loss), re-protect Azure -> Hyper-V seeded from the
+    original VHDX (only what the VM wrote in Azure travels back), failback onto the original
+    Hyper-V VM."""
+    env, host, arm = labenv, hv.model, azenv.arm
+    write_site(env.home, "azure", azenv.site_toml("replicas"))
+    hv.write_site(env.home, "hv", networks={"default": "LAN"})  # Azure's subnet -> a switch
+    env.release()
+    azenv.make_dr_network()
+    vm = host.add_vm("ha1", [16])
+    disk = vm.disks[0].name
+    host.guest_write("ha1", 0, 0, b"\x41" * (2 * MiB))
+    e, life = env.engine, env.lifecycle
+    e.protect("ha1", "hv", "azure", POLICY)
+    e.replicate("ha1")
+    host.guest_write("ha1", 0, 5 * MiB, b"\x45" * 65536)  # just before the planned failover
+
+    fo = life.failover("ha1", kind="planned")
+    assert fo.data_loss_seconds == 0 and host.vms["ha1"].state == "Off"
+    assert "ha1" in arm.resources("vms")
+    at_azure = arm.disk_data(_managed_disk(arm, "ha1", disk))
+    assert at_azure.download_blob(offset=5 * MiB, length=65536).readall() == b"\x45" * 65536
+    life.commit("ha1")
+    life.reprotect("ha1")
+    at_azure.upload_page(b"\x99" * 65536, offset=9 * MiB, length=65536)
+    back = e.replicate("ha1")
+    assert back.bytes_written == 65536, "only the block written in Azure travels back"
+
+    fb = life.failback("ha1")
+    assert fb.kind == "planned" and fb.vm_name == "ha1"
+    home = host.vms["ha1"]
+    assert home.state == "Running" and home.id == vm.id
+    data = hv.chain_bytes(host.winpath(home.disks[0].path))
+    azure = at_azure.download_blob(offset=0, length=16 * MiB).readall()
+    assert data == azure, "the VM came home with exactly its Azure disk"
+    assert data[9 * MiB : 9 * MiB + 65536] == b"\x99" * 65536
