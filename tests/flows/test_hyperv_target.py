@@ -12,13 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from doubles.hyperv_host import Nic
 from test_lifecycle import domain_disk
 from test_physical_to_azure import _managed_disk
 
 from standby.core.config import Policy
 from standby.plugins.physical import lab
-from support.hyperv import HyperVLab, start_hyperv
 from support.azure import AzureEnv
+from support.hyperv import HyperVLab, start_hyperv
 from support.labenv import Lab, MiB, write_site
 
 POLICY = Policy(shutdown_timeout_seconds=1, retain_count=2)
@@ -194,3 +195,65 @@ def test_hyperv_to_azure_planned_then_failback_from_azure(
     azure = at_azure.download_blob(offset=0, length=16 * MiB).readall()
     assert data == azure, "the VM came home with exactly its Azure disk"
     assert data[9 * MiB : 9 * MiB + 65536] == b"\x99" * 65536
+
+
+@pytest.fixture(scope="module")
+def hv2(labenv: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HyperVLab]:
+    """A second Hyper-V host: the DR site of a Hyper-V -> Hyper-V protection."""
+    host = start_hyperv(tmp_path_factory.mktemp("hv2"), env_prefix="STANDBY_TEST_HV2")
+    try:
+        yield host
+    finally:
+        labenv.release()
+        host.stop()
+
+
+def test_hyperv_to_hyperv_drill_planned_and_failback(
+    labenv: Lab, hv: HyperVLab, hv2: HyperVLab, tmp_path: Path
+) -> None:
+    env, host, dr = labenv, hv.model, hv2.model
+    vm = host.add_vm("hh1", [16, 8])
+    vm.nics.append(Nic("nic0", "00155D0A0B01", "LAN"))
+    host.guest_write("hh1", 0, 0, b"\x11" * MiB)
+    host.guest_write("hh1", 1, 2 * MiB, b"\x12" * 65536)
+    hv.write_site(env.home, "hv")
+    hv2.write_site(env.home, "hv2")
+    env.release()
+    e, life = env.engine, env.lifecycle
+
+    def assert_points_equal_source() -> None:
+        latest = points(env, "hh1")[-1]
+        for d in host.vms["hh1"].disks:
+            want = raw_of(d.path, "vhdx", tmp_path)
+            assert hv2.chain_bytes(latest[d.name]) == want, d.name
+
+    e.protect("hh1", "hv", "hv2", POLICY)
+    assert e.replicate("hh1").kind == "full"
+    assert_points_equal_source()
+    host.guest_write("hh1", 0, 3 * MiB, b"\x13" * 65536)
+    inc = e.replicate("hh1")
+    assert inc.kind == "incremental" and inc.bytes_written == 65536, "RCT -> one block"
+    assert_points_equal_source()
+
+    life.failover("hh1", kind="test")
+    test_vm = dr.vms["hh1-test"]
+    assert test_vm.generation == 2 and [n.switch for n in test_vm.nics] == ["standby-test"]
+    assert [d.name for d in test_vm.disks] == [d.name for d in vm.disks], "slots kept"
+    life.cleanup("hh1")
+
+    planned = life.failover("hh1", kind="planned")
+    assert planned.data_loss_seconds == 0 and host.vms["hh1"].state == "Off"
+    at_dr = dr.vms["hh1"]
+    assert at_dr.state == "Running" and [n.mac for n in at_dr.nics] == ["00155D0A0B01"]
+    life.commit("hh1")
+    life.reprotect("hh1")  # hv2 -> hv, seeded from the original VHDX files
+    dr.guest_write("hh1", 1, 5 * MiB, b"\x99" * 65536)
+    back = e.replicate("hh1")
+    assert back.bytes_written == 65536, "only what the VM wrote at the DR site travels back"
+
+    life.failback("hh1")
+    home = host.vms["hh1"]
+    assert home.state == "Running" and home.id == vm.id and dr.vms["hh1"].state == "Off"
+    got = hv.chain_bytes(host.winpath(home.disks[1].path))
+    assert got == hv2.chain_bytes(dr.winpath(dr.vms["hh1"].disks[1].path))
+    assert got[5 * MiB : 5 * MiB + 65536] == b"\x99" * 65536
