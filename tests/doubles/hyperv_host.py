@@ -387,10 +387,10 @@ class HyperVHost:
                 del self.vms[name]  # Remove-VM keeps the disk files, as Hyper-V does
 
     def op_vm_disks(self, p: dict[str, Any]) -> dict[str, Any] | None:
-        vm = next(
-            (v for v in self.vms.values()
-             if v.id == p["VMId"] or (v.name == p["Name"] and "standby:" not in v.notes)), None,
-        )  # fmt: skip
+        vm = next((v for v in self.vms.values() if v.id == p["VMId"]), None) or next(
+            (v for v in self.vms.values() if v.name == p["Name"] and "standby:" not in v.notes),
+            None,
+        )
         if vm is None:
             return None
         disks = [{"Name": d.name, "Path": self.winpath(d.path)} for d in vm.disks]

@@ -11,6 +11,7 @@ from pathlib import Path
 from doubles.certs import make_cert
 from doubles.hyperv_host import HyperVHost
 from doubles.samba import Samba, start_samba
+from doubles.vmm import Cloud, VmmServer
 from doubles.winrm import WinRMDouble
 
 from standby.core.config import Site
@@ -100,3 +101,44 @@ def start_hyperv(work: Path, env_prefix: str = "STANDBY_TEST_HV") -> HyperVLab:
         winrm.stop()
         raise
     return HyperVLab(model, winrm, samba, env_prefix)
+
+
+@dataclass
+class VmmLab:
+    """A VMM server double over Hyper-V host labs: `model` (clouds, networks) and its
+    WinRM listener; the hosts are the labs' own (their WinRM and Samba)."""
+
+    model: VmmServer
+    winrm: WinRMDouble
+    hosts: dict[str, HyperVLab]
+
+    def write_site(self, home: Path, name: str, cloud: str, **extra: object) -> None:
+        os.environ["STANDBY_TEST_VMM_PASSWORD"] = PASSWORD
+        keys: dict[str, object] = {
+            "plugin": "vmm",
+            "host": "127.0.0.1",
+            "port": self.winrm.port,
+            "user": USER,
+            "password": "env:STANDBY_TEST_VMM_PASSWORD",
+            "ca_file": str(self.winrm.cert),
+            "cloud": cloud,
+            **extra,
+        }
+        body = "".join(f"{k} = {_toml(v)}\n" for k, v in keys.items() if v is not None)
+        for host, lab in self.hosts.items():  # how standby reaches each managed host
+            body += f'\n[hosts."{host}"]\n' + "".join(
+                f"{k} = {_toml(v)}\n" for k, v in lab.keys().items() if v is not None
+            )
+        (home / "sites").mkdir(parents=True, exist_ok=True)
+        (home / "sites" / f"{name}.toml").write_text(body)
+
+    def stop(self) -> None:
+        self.winrm.stop()
+
+
+def start_vmm(work: Path, hosts: dict[str, HyperVLab], clouds: dict[str, Cloud]) -> VmmLab:
+    """A VMM server managing `hosts` (by the names VMM gives them) in `clouds`."""
+    model = VmmServer({n: lab.model for n, lab in hosts.items()}, clouds)
+    cert, key = make_cert(work / "tls")
+    winrm = WinRMDouble(cert, key, USER, PASSWORD, model.handle).start()
+    return VmmLab(model, winrm, hosts)

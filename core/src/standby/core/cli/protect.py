@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from standby.core import config
-from standby.core.errors import ConfigError
+from standby.core.errors import CapabilityNotSupported, ConfigError
 
 from .common import JsonOpt, emit, home, out
 
@@ -19,9 +19,13 @@ def register(app: typer.Typer) -> None:
 
 
 def protect(
-    vm: str,
-    source: Annotated[str, typer.Option("--from", help="Source site.")],
-    target: Annotated[str, typer.Option("--to", help="Target (DR) site.")],
+    vm: Annotated[str | None, typer.Argument(help="The VM (name or id); or --all.")] = None,
+    source: Annotated[str, typer.Option("--from", help="Source site.")] = "",
+    target: Annotated[str, typer.Option("--to", help="Target (DR) site.")] = "",
+    every: Annotated[
+        bool,
+        typer.Option("--all", help="Every VM the source site lists (a whole VMM cloud)."),
+    ] = False,
     policy: Annotated[str, typer.Option(help="Policy name (policies/NAME.toml).")] = "default",
     rpo: Annotated[str | None, typer.Option(help="RPO target, e.g. 15m.")] = None,
     retain: Annotated[int | None, typer.Option(help="Recovery points to keep.")] = None,
@@ -34,8 +38,13 @@ def protect(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Protect a VM: validate it against the target and record the protection."""
+    """Protect a VM (or --all of a site's VMs): validate against the target and record."""
     from standby.core.engine import opened
+
+    if not source or not target:
+        raise ConfigError("protect needs --from SITE and --to SITE")
+    if (vm is None) == (not every):
+        raise ConfigError("protect takes one VM, or --all (not both)")
 
     base = config.load_policy(policy, home())
     overrides: dict[str, Any] = {}
@@ -52,6 +61,10 @@ def protect(
     if bandwidth_mbps is not None:
         overrides["bandwidth_mbps"] = bandwidth_mbps
     pol = base.model_copy(update=overrides).checked("policy")
+    if every:
+        _protect_all(source, target, pol, as_json)
+        return
+    assert vm is not None
     with opened(home()) as engine:
         pid = engine.protect(vm, source, target, pol)
     if as_json:
@@ -69,6 +82,23 @@ def protect(
             f"protected [bold]{vm}[/] {source} -> {target} (protection {pid}); "
             "run `standby replicate` for the initial sync"
         )
+
+
+def _protect_all(source: str, target: str, pol: config.Policy, as_json: bool) -> None:
+    from standby.core.engine import opened
+
+    with opened(home()) as engine:
+        results = engine.protect_all(source, target, pol)
+    refused = [r for r in results if r[1] is None and r[2] != "already protected"]
+    if as_json:
+        emit([{"vm": v, "protection": pid, "result": what} for v, pid, what in results])
+    else:
+        for v, pid, what in results:
+            mark = f"protection {pid}" if pid is not None else what
+            out.print(f"{v}: {mark}")
+        out.print(f"{len(results) - len(refused)} of {len(results)} VMs of {source} protected")
+    if refused:
+        raise typer.Exit(code=CapabilityNotSupported.exit_code)
 
 
 def unprotect(

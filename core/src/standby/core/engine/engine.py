@@ -51,6 +51,12 @@ class Engine(Context):
         """Validate the VM against the target and record the protection; returns its id."""
         return protections.protect(self, vm_key, source_site, target_site, policy)
 
+    def protect_all(
+        self, source_site: str, target_site: str, policy: Policy
+    ) -> list[tuple[str, int | None, str]]:
+        """Protect every VM the source lists that is not protected yet (a whole VMM cloud)."""
+        return protections.protect_all(self, source_site, target_site, policy)
+
     def unprotect(self, vm_key: str, keep_replicas: bool = False) -> int:
         """Stop protecting a VM; returns how many points it had."""
         return protections.unprotect(self, vm_key, keep_replicas)

@@ -73,6 +73,28 @@ def protect(ctx: Context, vm_key: str, source_site: str, target_site: str, polic
             return prot.id
 
 
+def protect_all(
+    ctx: Context, source_site: str, target_site: str, policy: Policy
+) -> list[tuple[str, int | None, str]]:
+    """Protect every VM the source site lists (a VMM cloud, a host) that is not protected
+    yet: (vm, protection id or None, what happened) per VM. A VM the target refuses is
+    reported and the others go on; nothing is recorded for it."""
+    out: list[tuple[str, int | None, str]] = []
+    with ctx.state.session() as s:
+        known = {p.vm_id for p in s.scalars(select(Protection))}
+    for vm in ctx.source(source_site).list_vms():
+        if vm.id in known:
+            out.append((vm.name, None, "already protected"))
+            continue
+        try:
+            pid = protect(ctx, vm.id, source_site, target_site, policy)
+        except (CapabilityNotSupported, ConfigError) as exc:
+            out.append((vm.name, None, str(exc)))
+            continue
+        out.append((vm.name, pid, "protected"))
+    return out
+
+
 def unprotect(ctx: Context, vm_key: str, keep_replicas: bool = False) -> int:
     """Stop protecting a VM: drop its replicas and points at the target (unless kept), its
     change tracking at the source, and its state. Refused while a test failover runs."""

@@ -201,7 +201,12 @@ Get-VM | Where-Object { $_.Notes -like "*standby:failover=$($p.FailoverId);*" -o
 never an original VM)."""
 
 VM_DISKS = r"""
-$vm = Get-VM | Where-Object { $_.VMId.Guid -eq $p.VMId -or ($_.Name -eq $p.Name -and $_.Notes -notlike '*standby:*') } | Select-Object -First 1
+$all = @(Get-VM)
+$vm = $all | Where-Object { $_.VMId.Guid -eq $p.VMId } | Select-Object -First 1
+if (-not $vm) {
+  $vm = $all | Where-Object { $_.Name -eq $p.Name -and $_.Notes -notlike '*standby:*' } |
+    Select-Object -First 1
+}
 if ($vm) {
   [pscustomobject]@{ Id = $vm.VMId.Guid; Name = $vm.Name; State = $vm.State.ToString()
     Disks = @(Get-VMHardDiskDrive -VM $vm | ForEach-Object {
@@ -211,3 +216,69 @@ if ($vm) {
 }
 """
 """The original VM of a re-protection (by id, else by name), its state and disk files."""
+
+# ---------------------------------------------------------------- VMM (virtualmachinemanager)
+
+VMM_VMS = r"""
+$vms = if ($p.Cloud) { Get-SCVirtualMachine -Cloud (Get-SCCloud -Name $p.Cloud) } else { Get-SCVirtualMachine }
+$vms | Where-Object { $_.Description -notlike '*standby:replica*' } | ForEach-Object {
+  [pscustomobject]@{
+    VMId = $_.VMId; Name = $_.Name; VMHost = $_.VMHost.Name; Cloud = $_.Cloud.Name
+    Generation = $_.Generation; CPUCount = $_.CPUCount; MemoryMB = $_.Memory
+    Status = $_.Status.ToString()
+    Disks = @($_.VirtualDiskDrives | ForEach-Object {
+      [pscustomobject]@{ BusType = $_.BusType.ToString(); Bus = $_.Bus; Lun = $_.Lun
+        Location = $_.VirtualHardDisk.Location; Size = $_.VirtualHardDisk.MaximumSize } })
+    Nics = @($_.VirtualNetworkAdapters | ForEach-Object {
+      [pscustomobject]@{ Name = $_.Name; MACAddress = $_.MACAddress; VMNetwork = $_.VMNetwork.Name } })
+  } }
+"""
+"""The VMs of a VMM cloud (or of every cloud), as the hosts name their disks (bus type, bus,
+LUN = Hyper-V's controller type, number, location), with each VM's current host."""
+
+VMM_CLOUD = r"""
+$cloud = Get-SCCloud -Name $p.Cloud
+$logical = @($cloud.LogicalNetworks | ForEach-Object { $_.Name })
+[pscustomobject]@{
+  Name = $cloud.Name
+  Hosts = @(Get-SCVMHost -VMHostGroup $cloud.HostGroup | ForEach-Object {
+    [pscustomobject]@{ Name = $_.Name; AvailableMemoryMB = $_.AvailableMemory
+      State = $_.OverallState.ToString() } })
+  VMNetworks = @(Get-SCVMNetwork | Where-Object { $logical -contains $_.LogicalNetwork.Name } |
+    ForEach-Object { $_.Name })
+}
+"""
+"""A cloud's hosts (with the memory VMM says each has free) and the VM networks its logical
+networks carry: what placement and network mapping are checked against."""
+
+VMM_ADOPT = r"""
+$vm = Get-SCVirtualMachine | Where-Object { $_.VMId -eq $p.VMId } | Select-Object -First 1
+if (-not $vm) {
+  Read-SCVMHost -VMHost (Get-SCVMHost -ComputerName $p.VMHost) | Out-Null
+  $vm = Get-SCVirtualMachine | Where-Object { $_.VMId -eq $p.VMId } | Select-Object -First 1
+}
+Read-SCVirtualMachine -VM $vm | Out-Null
+if ($p.Cloud) { Set-SCVirtualMachine -VM $vm -Cloud (Get-SCCloud -Name $p.Cloud) | Out-Null }
+foreach ($n in $p.Nics) {
+  $nic = $vm.VirtualNetworkAdapters | Where-Object { $_.MACAddress -eq $n.Mac }
+  if ($n.VMNetwork) {
+    Set-SCVirtualNetworkAdapter -VirtualNetworkAdapter $nic -VMNetwork (Get-SCVMNetwork -Name $n.VMNetwork) | Out-Null
+  }
+}
+[pscustomobject]@{ VMId = $vm.VMId; Name = $vm.Name; Cloud = $vm.Cloud.Name }
+"""
+"""After the host started a failed-over VM: VMM refreshes it, puts it in the target cloud and
+connects its NICs to the mapped VM networks."""
+
+VMM_FIND = r"""
+$all = @(Get-SCVirtualMachine)
+$vm = $all | Where-Object { $_.VMId -eq $p.VMId } | Select-Object -First 1
+if (-not $vm) {
+  $vm = $all | Where-Object { $_.Name -eq $p.Name -and $_.Description -notlike '*standby:*' } |
+    Select-Object -First 1
+}
+if ($vm) {
+  [pscustomobject]@{ VMId = $vm.VMId; Name = $vm.Name; VMHost = $vm.VMHost.Name; Status = $vm.Status.ToString() }
+}
+"""
+"""One VM by its Hyper-V id (else by name): where it runs now."""
