@@ -6,6 +6,10 @@
 #      (the VM shut down through Hyper-V, a last cycle, started on the DR host), commit.
 #   2. Hyper-V -> Azure: protect, cycles, a drill in Azure's isolated network, a planned
 #      failover, commit.
+#   3. VMM cloud -> VMM cloud (one VMM double managing two Hyper-V host doubles): protect
+#      the whole cloud in one command, cycles, a drill, a planned failover placed on the DR
+#      cloud's host and adopted on its VM network, re-protect back, failback onto the
+#      original VM.
 # Everything lives under ./demo-work/hyperv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,8 +29,8 @@ step "fresh demo directory $W"
 rm -rf "$W"
 mkdir -p "$W" "$STANDBY_HOME/sites" "$STANDBY_HOME/policies"
 
-step "the doubles: a Hyper-V host (2 VMs, 64 MiB VHDX disks), Azure"
-hv serve --dir "$W/hv" --vms 2 --disk-mb 64 >"$W/hv.log" 2>&1 &
+step "the doubles: two Hyper-V hosts (3 VMs with 64 MiB VHDX disks on hv-a, none on hv-b), a VMM server managing both, Azure"
+hv serve --dir "$W/hv" --vms 3 --disk-mb 64 >"$W/hv.log" 2>&1 &
 PIDS+=($!)
 uv run --no-sync python tests/doubles/serve_azure.py --dir "$W/azure" >"$W/azure.log" 2>&1 &
 PIDS+=($!)
@@ -86,6 +90,36 @@ standby failover "$VM2" --planned
 standby commit "$VM2"
 standby status
 
+VM3=db01
+step "3. VMM: two clouds of one (geo-clustered) VMM server, Gold (host hv-a) and DR (host hv-b)"
+cp "$W/hv/vmm-prod.toml" "$STANDBY_HOME/sites/vmm-prod.toml"
+cp "$W/hv/vmm-dr.toml" "$STANDBY_HOME/sites/vmm-dr.toml"
+cat "$STANDBY_HOME/sites/vmm-dr.toml" | sed -n '1,12p'
+standby sites check vmm-dr
+standby vms vmm-prod
+step "protect every VM of cloud Gold still unprotected, in one command ($VM and $VM2 already are)"
+hv write --dir "$W/hv" "$VM3" 0 $((3*MiB)) --pattern 0x41
+standby protect --all --from vmm-prod --to vmm-dr --policy demo
+standby replicate "$VM3"
+hv write --dir "$W/hv" "$VM3" $((10*MiB)) 65536 --pattern 0x42
+standby replicate "$VM3"
+step "drill in cloud DR: $VM3-test on hv-b's private switch, on no VM network"
+standby failover "$VM3" --test
+standby failover cleanup "$VM3"
+step "planned failover to cloud DR: placed on hv-b, adopted by VMM on VM network DR-Prod"
+standby failover "$VM3" --planned
+hv same --dir "$W/hv" "$VM3" hv-a.corp hv-b.corp
+standby commit "$VM3"
+step "re-protect cloud DR -> cloud Gold (seeded from the original VHDX); the VM writes at the DR site"
+standby reprotect "$VM3"
+hv write --dir "$W/hv" --host hv-b.corp "$VM3" $((20*MiB)) 65536 --pattern 0x99
+standby replicate "$VM3" --json | uv run --no-sync python -c 'import json,sys; r=json.load(sys.stdin)[0]; print(r["kind"], "cycle back: wrote", r["bytes_written"], "bytes")'
+step "failback onto the original VM in cloud Gold"
+standby failback "$VM3"
+hv same --dir "$W/hv" "$VM3" hv-a.corp hv-b.corp
+standby commit "$VM3"
+standby status
+
 step "demo done"
-echo "Not yet here: failback to Hyper-V (the Hyper-V target) and VMM sites (issue 10 is open)."
+echo "Not yet here: the native Hyper-V Replica mode (issue 10 is open)."
 echo "State stays in $W for a look; the doubles stop now (make demo-hyperv starts afresh)."
