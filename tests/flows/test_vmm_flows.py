@@ -72,7 +72,7 @@ def test_a_cloud_protected_in_one_command_then_drill_failover_and_failback(
     a.model.guest_write("app02", 0, MiB, b"\x61" * (2 * MiB))
 
     r = env.cli("protect", "--all", "--from", "vmm-prod", "--to", "vmm-dr", check=True)
-    assert "2 of 2 VMs of vmm-prod protected" in r.stdout, r.stdout
+    assert "vmm-prod: 2 protected, 0 already protected, 0 refused" in r.stdout, r.stdout
     r = env.cli("protect", "--all", "--from", "vmm-prod", "--to", "vmm-dr", check=True)
     assert r.stdout.count("already protected") == 2
     e, life = env.engine, env.lifecycle

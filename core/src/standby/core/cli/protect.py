@@ -96,7 +96,11 @@ def _protect_all(source: str, target: str, pol: config.Policy, as_json: bool) ->
         for v, pid, what in results:
             mark = f"protection {pid}" if pid is not None else what
             out.print(f"{v}: {mark}")
-        out.print(f"{len(results) - len(refused)} of {len(results)} VMs of {source} protected")
+        new = sum(1 for r in results if r[1] is not None)
+        out.print(
+            f"{source}: {new} protected, {len(results) - new - len(refused)} already protected, "
+            f"{len(refused)} refused"
+        )
     if refused:
         raise typer.Exit(code=CapabilityNotSupported.exit_code)
 
