@@ -24,6 +24,6 @@ def test_demo_hyperv_runs_end_to_end() -> None:
     assert out.count("Images are identical.") == 1, "the DR disk == the VHDX after failover"
     assert "the drill VM holds the point" in out
     assert "zero data loss" in out and "demo done" in out
-    assert "vmm-prod: 1 protected, 2 already protected, 0 refused" in out, "the cloud in one command"
+    assert "vmm-prod: 1 protected, 2 already protected, 0 refused" in out, "one command"
     assert out.count("the disks are identical") == 2, "VMM DR == prod after failover, failback"
     assert "hashcompare cycle back: wrote 65536 bytes" in out
