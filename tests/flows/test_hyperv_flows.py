@@ -177,3 +177,21 @@ def test_bad_site_input_is_one_line_and_an_exit_code(labenv: Lab, hv: HyperVLab)
     assert "nosuchvm" in r.stderr
     r = env.cli("sites", "check", "hv", check=True)
     assert "4 VMs to protect" in r.stdout
+
+
+def test_a_generation_2_vm_to_a_host_without_uefi_is_refused_at_protect(
+    labenv: Lab, hv: HyperVLab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DR host whose libvirt offers no UEFI firmware (no OVMF installed there): the
+    generation 2 VM is refused in one line and nothing is recorded."""
+    env = labenv
+    dr = env.engine.target("dr")
+    no_efi = "<domainCapabilities><os supported='yes'><enum name='firmware'/></os></domainCapabilities>"  # noqa: E501
+    monkeypatch.setattr(dr.conn, "getDomainCapabilities", lambda *a: no_efi)  # type: ignore[attr-defined]
+    hv.model.add_vm("gen2vm", [8], generation=2)
+    with pytest.raises(StandbyError, match="UEFI") as err:
+        env.engine.protect("gen2vm", "hv", "dr", Policy())
+    assert "\n" not in str(err.value) and "generation 2" in str(err.value)
+    with env.engine.state.session() as s, pytest.raises(StandbyError):
+        env.engine.state.protection(s, "gen2vm")
+    del hv.model.vms["gen2vm"]

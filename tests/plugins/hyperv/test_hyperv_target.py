@@ -5,9 +5,11 @@ the replica's BAT, a cycle file left half-made by a kill."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 
+from standby.core.errors import StandbyError
 from standby.core.extents import normalize
 from standby.core.model import DiskSpec, Extent, NicSpec, PointInfo, ProtectionInfo, VMSpec
 from standby.core.testing import TargetContract
@@ -105,3 +107,26 @@ def test_a_half_made_cycle_file_is_made_again(
     target.discard_pending(p, 5)
     assert not target.share.exists(rel)
     target.remove(p, [])
+
+
+def test_a_failover_the_host_refuses_is_one_line_and_leaves_nothing(
+    hv: HyperVLab, target: HyperVTarget, contract_protection: ProtectionInfo
+) -> None:
+    p = contract_protection
+    target.prepare(p)
+    with target.open_writer(p, 1, None) as w:
+        w.write("vda", 0, b"\x09" * 65536)
+        ref = w.commit_point(1)
+    point = PointInfo(1, datetime.now(UTC), ref, {"vda": 8 * MiB})
+    with pytest.raises(StandbyError) as err:  # the cmdlet's own message, in one line
+        target.failover(p, point, test=False, network="NoSuchSwitch", failover_id=77)
+    assert "\n" not in str(err.value) and "Add-VMNetworkAdapter" in str(err.value)
+    assert "kitvm" not in hv.model.vms
+    target.cleanup_test(p, {"kind": "real", "failover_id": 77})
+    assert not target.share.exists(f"{target.vm_dir(p)}\\failover-77")
+    hv.model.fail_next.append("failover")  # the host gone as the failover starts
+    with pytest.raises(StandbyError, match="WS-Management"):
+        target.failover(p, point, test=True, failover_id=78)
+    assert "kitvm-test" not in hv.model.vms
+    target.remove(p, [point])
+    assert not target.share.exists(target.vm_dir(p))
