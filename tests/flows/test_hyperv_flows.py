@@ -186,7 +186,9 @@ def test_a_generation_2_vm_to_a_host_without_uefi_is_refused_at_protect(
     generation 2 VM is refused in one line and nothing is recorded."""
     env = labenv
     dr = env.engine.target("dr")
-    no_efi = "<domainCapabilities><os supported='yes'><enum name='firmware'/></os></domainCapabilities>"  # noqa: E501
+    no_efi = (
+        "<domainCapabilities><os supported='yes'><enum name='firmware'/></os></domainCapabilities>"
+    )
     monkeypatch.setattr(dr.conn, "getDomainCapabilities", lambda *a: no_efi)  # type: ignore[attr-defined]
     hv.model.add_vm("gen2vm", [8], generation=2)
     with pytest.raises(StandbyError, match="UEFI") as err:

@@ -46,20 +46,8 @@ def protect(
     if (vm is None) == (not every):
         raise ConfigError("protect takes one VM, or --all (not both)")
 
+    overrides = _overrides(rpo, retain, retain_age, app_consistent_every, bandwidth_mbps)
     base = config.load_policy(policy, home())
-    overrides: dict[str, Any] = {}
-    if rpo is not None:
-        overrides["rpo_seconds"] = config.parse_duration(rpo, "--rpo")
-    if retain is not None:
-        overrides["retain_count"] = retain
-    if retain_age is not None:
-        overrides["retain_age_seconds"] = config.parse_duration(retain_age, "--retain-age")
-    if app_consistent_every is not None:
-        overrides["app_consistent_every_seconds"] = config.parse_duration(
-            app_consistent_every, "--app-consistent-every"
-        )
-    if bandwidth_mbps is not None:
-        overrides["bandwidth_mbps"] = bandwidth_mbps
     pol = base.model_copy(update=overrides).checked("policy")
     if every:
         _protect_all(source, target, pol, as_json)
@@ -82,6 +70,30 @@ def protect(
             f"protected [bold]{vm}[/] {source} -> {target} (protection {pid}); "
             "run `standby replicate` for the initial sync"
         )
+
+
+def _overrides(
+    rpo: str | None,
+    retain: int | None,
+    retain_age: str | None,
+    app_consistent_every: str | None,
+    bandwidth_mbps: float | None,
+) -> dict[str, Any]:
+    """The policy keys given on the command line."""
+    out: dict[str, Any] = {}
+    if rpo is not None:
+        out["rpo_seconds"] = config.parse_duration(rpo, "--rpo")
+    if retain is not None:
+        out["retain_count"] = retain
+    if retain_age is not None:
+        out["retain_age_seconds"] = config.parse_duration(retain_age, "--retain-age")
+    if app_consistent_every is not None:
+        out["app_consistent_every_seconds"] = config.parse_duration(
+            app_consistent_every, "--app-consistent-every"
+        )
+    if bandwidth_mbps is not None:
+        out["bandwidth_mbps"] = bandwidth_mbps
+    return out
 
 
 def _protect_all(source: str, target: str, pol: config.Policy, as_json: bool) -> None:
