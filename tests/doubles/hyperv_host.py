@@ -73,6 +73,22 @@ class VM:
     avhdx: list[tuple[int, int, bytes]] = field(default_factory=list)
     """Guest writes made while a checkpoint exists, (disk index, offset, bytes): Hyper-V puts
     them in the AVHDX and merges them into the parent when the checkpoint goes."""
+    repl: Replication | None = None
+    """Hyper-V Replica: this VM's side of a relationship."""
+
+
+@dataclass
+class Replication:
+    """One side of a Hyper-V Replica relationship (the replica VM has the primary's VMId)."""
+
+    mode: str  # Primary | Replica | TestReplica
+    partner: str  # the other host's name
+    state: str = "Replicating"
+    health: str = "Normal"
+    last: str = ""
+    history: int = 4
+    snapshots: list[tuple[str, str, list[Path]]] = field(default_factory=list)
+    """Replica side: recovery points, (id, time, a copy of each disk)."""
 
 
 def _layout(path: Path) -> vhdx.Layout:
@@ -123,6 +139,12 @@ class HyperVHost:
     """Ops (`checkpoint`, ...) whose next call fails as if the host went away."""
     switches: dict[str, str] = field(default_factory=lambda: {"LAN": "External"})
     """Virtual switches: name -> SwitchType."""
+    name: str = "hv"
+    """This host's name as Hyper-V Replica partners reach it."""
+    peers: dict[str, HyperVHost] = field(default_factory=dict)
+    """Hosts reachable by name (Hyper-V Replica partners), this one included."""
+    replica_server: bool = True
+    """Whether Set-VMReplicationServer -ReplicationEnabled was run here."""
 
     def winpath(self, path: Path) -> str:
         return self.drive + "\\" + str(path.relative_to(self.root)).replace("/", "\\")
@@ -211,7 +233,13 @@ class HyperVHost:
         return "", f"The term '{script.split()[0]}' is not recognized by this double.", 1
 
     def _listed(self) -> list[VM]:
-        return [vm for vm in self.vms.values() if "standby:replica" not in vm.notes]
+        def hidden(vm: VM) -> bool:
+            r = vm.repl
+            return r is not None and (
+                r.mode == "TestReplica" or (r.mode == "Replica" and vm.state == "Off")
+            )
+
+        return [v for v in self.vms.values() if "standby:replica" not in v.notes and not hidden(v)]
 
     def _inventory(self, vm: VM) -> dict[str, Any]:
         return {
@@ -395,3 +423,153 @@ class HyperVHost:
             return None
         disks = [{"Name": d.name, "Path": self.winpath(d.path)} for d in vm.disks]
         return {"Id": vm.id, "Name": vm.name, "State": vm.state, "Disks": disks}
+
+    # ------------------------------------------------------------ Hyper-V Replica
+
+    def _peer(self, name: str, cmdlet: str) -> HyperVHost:
+        peer = self.peers.get(name)
+        if peer is None or not peer.replica_server:
+            raise HostError(
+                f"{cmdlet} : Hyper-V could not connect to the Replica server '{name}': the "
+                "server is not reachable or not configured as a Replica server."
+            )
+        return peer
+
+    @staticmethod
+    def _now() -> str:
+        from datetime import UTC, datetime
+
+        return datetime.now(UTC).isoformat()
+
+    def _ship(self, vm: VM) -> None:
+        """One replication interval: the primary's disks reach the replica, as a new
+        recovery point (the oldest beyond the history go)."""
+        assert vm.repl is not None and vm.repl.mode == "Primary"
+        peer = self.peers[vm.repl.partner]
+        rvm = peer.vm_by_id(vm.id)
+        assert rvm.repl is not None
+        now = self._now()
+        copies = []
+        sid = str(uuid.uuid4())
+        for d, rd in zip(vm.disks, rvm.disks, strict=True):
+            rd.path.write_bytes(d.path.read_bytes())
+            copy = rd.path.with_name(f"{rd.path.stem}.{sid[:8]}.vhdx")
+            copy.write_bytes(d.path.read_bytes())
+            copies.append(copy)
+        rvm.repl.snapshots.append((sid, now, copies))
+        while len(rvm.repl.snapshots) > max(1, rvm.repl.history):
+            for f in rvm.repl.snapshots.pop(0)[2]:
+                f.unlink(missing_ok=True)
+        vm.repl.last = rvm.repl.last = now
+
+    def op_replica_server(self, p: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "ReplicationEnabled": self.replica_server,
+            "AllowedAuthenticationType": "Certificate",
+        }
+
+    def op_replica_enable(self, p: dict[str, Any]) -> dict[str, Any]:
+        vm = self.vm_by_id(p["VMId"])
+        peer = self._peer(p["Server"], "Enable-VMReplication")
+        if vm.repl is None:
+            rvm = VM(name=vm.name, generation=vm.generation, cpus=vm.cpus, memory=vm.memory,
+                     state="Off", id=vm.id)  # fmt: skip
+            for i, d in enumerate(vm.disks):
+                path = peer.root / "Replica" / vm.name / f"disk{i}.vhdx"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                rvm.disks.append(Disk(path, d.controller, d.number, d.location))
+            rvm.nics = [Nic(n.name, n.mac, "") for n in vm.nics]
+            rvm.repl = Replication("Replica", self.name, history=p["History"])
+            peer.vms[vm.name] = rvm
+            vm.repl = Replication("Primary", p["Server"], history=p["History"])
+        self._ship(vm)  # Start-VMInitialReplication: the initial copy
+        return {"State": vm.repl.state, "Health": vm.repl.health}
+
+    def op_replica_state(self, p: dict[str, Any]) -> dict[str, Any]:
+        vm = self.vm_by_id(p["VMId"])
+        if vm.repl is None or vm.repl.mode != "Primary":
+            raise HostError(f"Get-VMReplication : '{vm.name}' is not a primary VM of replication.")
+        if p["Final"]:
+            if vm.state != "Off":
+                raise HostError(
+                    f"Start-VMFailover : the virtual machine '{vm.name}' must be turned off "
+                    "to prepare a planned failover."
+                )
+            self._ship(vm)
+            vm.repl.state = "PreparedForFailover"
+        elif vm.state == "Running":
+            self._ship(vm)  # the interval elapsed while the VM ran
+        return {"State": vm.repl.state, "Health": vm.repl.health, "Mode": "Primary",
+                "LastReplicationTime": vm.repl.last}  # fmt: skip
+
+    def op_replica_points(self, p: dict[str, Any]) -> dict[str, Any]:
+        vm = self.vm_by_id(p["VMId"])
+        r = vm.repl
+        if r is None:
+            raise HostError(f"Get-VMReplication : '{vm.name}' has no replication.")
+        snaps = [{"Id": i, "CreationTime": t} for i, t, _f in r.snapshots]
+        return {"Name": vm.name, "LastReplicationTime": r.last, "Snapshots": snaps}
+
+    def op_replica_failover(self, p: dict[str, Any]) -> dict[str, Any]:
+        vm = self.vm_by_id(p["VMId"])
+        if vm.repl is None or vm.repl.mode != "Replica":
+            raise HostError(f"Start-VMFailover : '{vm.name}' is not a replica virtual machine.")
+        chosen = next((f for i, _t, f in vm.repl.snapshots if i == p["Snapshot"]), None)
+        if p["Snapshot"] and chosen is None:
+            raise HostError(f"Start-VMFailover : no recovery point {p['Snapshot']} of '{vm.name}'.")
+        if p["Test"]:
+            name = f"{vm.name} - Test"
+            if name not in self.vms:
+                if p["TestSwitch"] not in self.switches:
+                    self.switches[p["TestSwitch"]] = "Private"
+                t = VM(name=name, generation=vm.generation, cpus=vm.cpus, memory=vm.memory)
+                for i, d in enumerate(vm.disks):
+                    copy = d.path.with_name(f"test-disk{i}.vhdx")
+                    copy.write_bytes((chosen[i] if chosen else d.path).read_bytes())
+                    t.disks.append(Disk(copy, d.controller, d.number, d.location))
+                t.nics = [Nic(n.name, n.mac, p["TestSwitch"]) for n in vm.nics]
+                t.repl = Replication("TestReplica", vm.repl.partner)
+                self.vms[name] = t
+            return {"Id": self.vms[name].id, "Name": name}
+        if vm.state != "Running":
+            if chosen:
+                for d, f in zip(vm.disks, chosen, strict=True):
+                    d.path.write_bytes(f.read_bytes())
+            for n in vm.nics:
+                n.switch = next((x["Switch"] for x in p["Nics"] if x["Mac"] == n.mac), n.switch)
+            vm.repl.state = "FailedOver"
+            vm.state = "Running"
+        return {"Id": vm.id, "Name": vm.name}
+
+    def op_replica_stop_test(self, p: dict[str, Any]) -> None:
+        vm = self.vm_by_id(p["VMId"])
+        test = self.vms.pop(f"{vm.name} - Test", None)
+        for d in test.disks if test else []:
+            d.path.unlink(missing_ok=True)
+
+    def op_replica_complete(self, p: dict[str, Any]) -> None:
+        vm = self.vm_by_id(p["VMId"])
+        if vm.repl is None or vm.repl.state != "FailedOver":
+            raise HostError(f"Complete-VMFailover : '{vm.name}' has not failed over.")
+        for _i, _t, files in vm.repl.snapshots:
+            for f in files:
+                f.unlink(missing_ok=True)
+        vm.repl.snapshots, vm.repl.state = [], "FailedOverComplete"
+
+    def op_replica_reverse(self, p: dict[str, Any]) -> None:
+        """Set-VMReplication -Reverse on the failed-over replica: it becomes the primary and
+        the old primary (off) its replica; the first interval ships its disks back."""
+        vm = self.vm_by_id(p["VMId"])
+        if vm.repl is None or vm.repl.mode != "Replica" or vm.state != "Running":
+            raise HostError(
+                f"Set-VMReplication : '{vm.name}' must be a failed-over replica to reverse."
+            )
+        peer = self._peer(p["Server"], "Set-VMReplication")
+        old = peer.vm_by_id(vm.id)
+        history = vm.repl.history
+        vm.repl = Replication("Primary", p["Server"], history=history)
+        old.repl = Replication("Replica", self.name, history=history)
+        self._ship(vm)
+
+    def op_replica_disable(self, p: dict[str, Any]) -> None:
+        self.vm_by_id(p["VMId"]).repl = None

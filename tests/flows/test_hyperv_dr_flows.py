@@ -257,3 +257,61 @@ def test_hyperv_to_hyperv_drill_planned_and_failback(
     got = hv.chain_bytes(host.winpath(home.disks[1].path))
     assert got == hv2.chain_bytes(dr.winpath(dr.vms["hh1"].disks[1].path))
     assert got[5 * MiB : 5 * MiB + 65536] == b"\x99" * 65536
+
+
+def test_hyperv_replica_mode_drill_planned_reprotect_and_failback(
+    labenv: Lab, hv: HyperVLab, hv2: HyperVLab, tmp_path: Path
+) -> None:
+    """`replication = "hyperv-replica"`: Hyper-V Replica moves the bytes (the double's
+    replication ships the disks each interval), standby enables it, records its recovery
+    points, drills with Start-VMFailover -AsTest, fails over planned (-Prepare first),
+    reverses it on re-protect and fails back onto the original VM."""
+    env, host, dr = labenv, hv.model, hv2.model
+    host.name, dr.name = "hv-a.corp", "hv-b.corp"
+    host.peers = dr.peers = {"hv-a.corp": host, "hv-b.corp": dr}
+    vm = host.add_vm("rp1", [16])
+    host.guest_write("rp1", 0, 0, b"\x71" * MiB)
+    hv.write_site(env.home, "hv", replica_server="hv-a.corp")
+    hv2.write_site(env.home, "hv2", replica_server="hv-b.corp")
+    env.release()
+    e, life = env.engine, env.lifecycle
+    policy = Policy(replication="hyperv-replica", shutdown_timeout_seconds=1, retain_count=4)
+
+    def replica_disk() -> bytes:
+        return raw_of(dr.vms["rp1"].disks[0].path, "vhdx", tmp_path)
+
+    e.protect("rp1", "hv", "hv2", policy)
+    assert dr.vms["rp1"].repl is not None and dr.vms["rp1"].id == vm.id
+    first = e.replicate("rp1")
+    assert first.kind == "native" and first.bytes_read == 0, "Hyper-V moved the bytes"
+    assert replica_disk() == raw_of(vm.disks[0].path, "vhdx", tmp_path)
+    host.guest_write("rp1", 0, 4 * MiB, b"\x74" * 65536)
+    second = e.replicate("rp1")
+    assert second.point_id != first.point_id
+    assert replica_disk() == raw_of(vm.disks[0].path, "vhdx", tmp_path)
+    status = env.cli("status", "--json", check=True).stdout
+    assert "rp1" in status
+
+    life.failover("rp1", kind="test")
+    test_vm = dr.vms["rp1 - Test"]
+    assert test_vm.state == "Running" and dr.switches["standby-test"] == "Private"
+    life.cleanup("rp1")
+    assert "rp1 - Test" not in dr.vms
+
+    host.guest_write("rp1", 0, 6 * MiB, b"\x76" * 65536)  # just before the planned failover
+    planned = life.failover("rp1", kind="planned")
+    assert planned.data_loss_seconds == 0 and host.vms["rp1"].state == "Off"
+    assert dr.vms["rp1"].state == "Running"
+    assert replica_disk()[6 * MiB : 6 * MiB + 65536] == b"\x76" * 65536
+    life.commit("rp1")
+    life.reprotect("rp1")  # Set-VMReplication -Reverse: hv-b is the primary now
+    assert dr.vms["rp1"].repl.mode == "Primary" and host.vms["rp1"].repl.mode == "Replica"  # type: ignore[union-attr]
+    dr.guest_write("rp1", 0, 9 * MiB, b"\x99" * 65536)
+    e.replicate("rp1")
+
+    fb = life.failback("rp1")
+    assert fb.kind == "planned" and host.vms["rp1"].state == "Running"
+    assert dr.vms["rp1"].state == "Off"
+    home = raw_of(host.vms["rp1"].disks[0].path, "vhdx", tmp_path)
+    assert home[9 * MiB : 9 * MiB + 65536] == b"\x99" * 65536, "the DR-site write came home"
+    assert home == replica_disk()

@@ -207,6 +207,9 @@ class Policy(BaseModel):
     bandwidth_mbps: float = 0.0
     verify: str = "auto"
     shutdown_timeout_seconds: int = 120
+    replication: str = "standby"
+    """Who moves the bytes: standby's own engine, or a platform's replication standby
+    orchestrates (`"hyperv-replica"`), when the target offers it (`Target.native`)."""
 
     @classmethod
     def from_toml(cls, data: dict[str, Any], where: str) -> Policy:
@@ -219,6 +222,7 @@ class Policy(BaseModel):
             "bandwidth_mbps": "bandwidth_mbps",
             "verify": "verify",
             "shutdown_timeout": "shutdown_timeout_seconds",
+            "replication": "replication",
         }
         out: dict[str, Any] = {}
         for key, value in data.items():

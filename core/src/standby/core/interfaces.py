@@ -226,6 +226,53 @@ class ReplicaWriter(ABC):
         """
 
 
+@dataclass(frozen=True)
+class NativePoint:
+    """A recovery point the platform's own replication holds at the DR site."""
+
+    ref: dict[str, Any]
+    """The target's reference; its failover, cleanup and commit act on it."""
+    taken_at: datetime
+    consistency: Consistency = Consistency.CRASH
+
+
+@dataclass(frozen=True)
+class NativeState:
+    """What the platform says of one VM's replication."""
+
+    state: str
+    healthy: bool
+    reason: str = ""
+    points: list[NativePoint] = field(default_factory=list)
+    """The recovery points at the DR site now, oldest first (the platform keeps its own
+    history: points it no longer lists are gone)."""
+
+
+class NativeReplication(ABC):
+    """A platform's own replication that standby orchestrates instead of copying (Hyper-V
+    Replica): the platform moves the bytes; standby turns it on, records the recovery points
+    it reports as the protection's points, and fails over through the target's usual
+    `failover` / `cleanup_test` / `commit_failover` (their refs say which mode made them).
+    `source` is the protection's source plugin (the primary side)."""
+
+    @abstractmethod
+    def enable(self, protection: ProtectionInfo, source: Source, retain: int, rpo: int) -> None:
+        """Start replicating the VM (and its initial copy); undo what it did if it fails."""
+
+    @abstractmethod
+    def sync(self, protection: ProtectionInfo, source: Source, final: bool) -> NativeState:
+        """The replication's state and points. `final` (a planned failover, the source VM
+        off): first ship what is left, so the newest point holds everything."""
+
+    @abstractmethod
+    def reverse(self, protection: ProtectionInfo, source: Source) -> None:
+        """Re-protect: replicate the other way (`protection` is the new direction)."""
+
+    @abstractmethod
+    def disable(self, protection: ProtectionInfo, source: Source) -> None:
+        """Stop replicating (unprotect); the VMs stay."""
+
+
 class Target(Plugin):
     """The DR site: keeps replica disks and recovery points, and fails VMs over."""
 
@@ -319,6 +366,11 @@ class Target(Plugin):
 
         The ref may say `"exact": False` when the data it seeds with is not the failed-over
         point's (e.g. an older replica): the engine then reads it back block by block."""
+        return None
+
+    def native(self, kind: str) -> NativeReplication | None:
+        """The platform replication `kind` (a policy's `replication`) this target can
+        orchestrate with the given source, or None."""
         return None
 
     def estimate_cost(self, usage: list[Usage]) -> CostEstimate:

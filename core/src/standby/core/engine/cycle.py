@@ -35,7 +35,7 @@ from standby.core.state import (
     protection_info,
 )
 
-from . import checkpoint, commit, retention
+from . import checkpoint, commit, native, retention
 from .context import Context
 from .copier import Copier, Throttle
 from .planning import DiskJob, Progress, cycle_kind, plan_disk, planned_bytes
@@ -72,8 +72,10 @@ class CycleRun:
         progress: ProgressSink | None = None,
         cancel: threading.Event | None = None,
         on_point: Callable[[CycleReport], None] | None = None,
+        final: bool = False,
     ) -> None:
         self.ctx = ctx
+        self.final = final
         self.protection_id = protection_id
         self.progress = progress or ctx.progress
         self.cancel = cancel
@@ -89,6 +91,12 @@ class CycleRun:
         self._last = now
 
     def run(self) -> CycleReport:
+        with self.ctx.state.session() as s:
+            prot = s.get(Protection, self.protection_id)
+            assert prot is not None
+            native_mode = native.is_native(prot.policy)
+        if native_mode:  # the platform moves the bytes: record what it reports
+            return native.cycle(self.ctx, self.protection_id, self.final)
         b = self.begin()
         source, target = self.ctx.source(b.pinfo.source_site), self.ctx.target(b.pinfo.target_site)
         self._lap("begin")

@@ -100,9 +100,11 @@ class Engine(Context):
         progress: Progress | None = None,
         cancel: threading.Event | None = None,
         on_point: Callable[[CycleReport], None] | None = None,
+        final: bool = False,
     ) -> CycleReport:
-        """One cycle of a protection; the caller holds the VM's lock (see `lock`)."""
-        return CycleRun(self, protection_id, progress, cancel, on_point).run()
+        """One cycle of a protection; the caller holds the VM's lock (see `lock`). `final`:
+        a planned failover's last cycle, the source VM off."""
+        return CycleRun(self, protection_id, progress, cancel, on_point, final).run()
 
     def _cycle_failed(self, protection_id: int, vm_name: str, exc: StandbyError) -> None:
         with self.state.session() as s:

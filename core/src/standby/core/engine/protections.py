@@ -22,6 +22,7 @@ from standby.core.state import (
     protection_info,
 )
 
+from . import native
 from .context import Context
 
 
@@ -63,6 +64,11 @@ def protect(ctx: Context, vm_key: str, source_site: str, target_site: str, polic
             s.add(prot)
             s.flush()
             target.prepare(protection_info(prot, vm))
+            if native.is_native(policy):  # in this transaction: a failure records nothing
+                replication = native.replication_of(target, policy, target_site)
+                replication.enable(
+                    protection_info(prot, vm), source, policy.retain_count, policy.rpo_seconds
+                )
             ctx.state.log(
                 s,
                 "protect",
@@ -109,7 +115,12 @@ def unprotect(ctx: Context, vm_key: str, keep_replicas: bool = False) -> int:
                     f"`standby failover cleanup {prot.vm_name}` first"
                 )
             pinfo = protection_info(prot)
+            policy = Policy.model_validate(prot.policy)
             points = [point_info(p) for p in prot.points if p.state != "pruned"]
+        if native.is_native(policy):
+            native.replication_of(ctx.target(pinfo.target_site), policy, pinfo.target_site).disable(
+                pinfo, ctx.source(pinfo.source_site)
+            )
         if not keep_replicas:
             ctx.target(pinfo.target_site).remove(pinfo, points)
         try:

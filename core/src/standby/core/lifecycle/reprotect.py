@@ -15,7 +15,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from standby.core import plugins
+from standby.core.config import Policy
 from standby.core.engine import Engine
+from standby.core.engine.native import is_native, replication_of
 from standby.core.errors import CapabilityNotSupported, ConfigError
 from standby.core.extents import BLOCK, Manifest
 from standby.core.model import ProtectionInfo, Validation, VMSpec
@@ -48,6 +50,7 @@ def reprotect(engine: Engine, vm_key: str) -> Protection:
             fo = active_real(s, prot)
             old = protection_info(prot)
             fo_kind, fo_vm, used_id = fo.kind, fo.vm_name, fo.point_id
+            policy = Policy.model_validate(prot.policy)
         new_source, new_target = old.target_site, old.source_site
         _check_roles(engine, old.vm.name, new_source, new_target)
         vm = engine.source(new_source).get_vm(fo_vm)
@@ -58,7 +61,12 @@ def reprotect(engine: Engine, vm_key: str) -> Protection:
                 f"VM '{vm.name}' cannot be protected back to '{new_target}': "
                 + "; ".join(verdict.problems)
             )
-        seed_ref = target.seed(ProtectionInfo(old.id, vm, new_source, new_target), old.vm)
+        new = ProtectionInfo(old.id, vm, new_source, new_target)
+        if is_native(policy):  # the platform replicates back: no seed, no copy by standby
+            replication_of(target, policy, new_target).reverse(new, engine.source(new_source))
+            seed_ref = None
+        else:
+            seed_ref = target.seed(new, old.vm)
         with engine.state.session() as s:
             prot = engine.state.protection(s, vm_key)
             _swap(s, prot, old, vm, verdict, new_source, new_target)

@@ -55,6 +55,13 @@ class HyperVOptions(SiteOptions):
     Unmapped networks go to a switch of the same name."""
     test_switch: str = "standby-test"
     """The private switch (no uplink) test failovers connect to; made when missing."""
+    replica_server: str | None = None
+    """For `replication = "hyperv-replica"`: the name primaries use to reach this host as a
+    Hyper-V Replica server (defaults to `host`)."""
+    replica_port: int = Field(default=443, ge=1, le=65535)
+    replica_auth: Literal["Certificate", "Kerberos"] = "Certificate"
+    replica_thumbprint: str | None = None
+    """The certificate Hyper-V Replica authenticates with (Certificate auth)."""
 
     def host_path(self, share_path: str) -> str:
         """The host's path of a file in the share (`D:\\Hyper-V\\standby\\x.vhdx`)."""

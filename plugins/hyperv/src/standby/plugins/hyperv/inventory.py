@@ -1,6 +1,6 @@
 """Hyper-V inventory: VMs with generation, CPUs, memory, disks (size from Get-VHD) and NICs,
 in one round trip. VMs standby made (replicas, test VMs: `standby:` in their notes) are not
-listed."""
+listed, nor Hyper-V Replica's replica VMs while they are off, nor its test VMs."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ REPLICA_MARK = "standby:replica"
 MAX_VHDX = 64 << 40  # 64 TB: the VHDX format's limit
 
 INVENTORY = r"""
-Get-VM | Where-Object { $_.Notes -notlike '*standby:replica*' } | ForEach-Object {
+Get-VM | Where-Object { $_.Notes -notlike '*standby:replica*' -and $_.ReplicationMode -ne 'TestReplica' -and
+  -not ($_.ReplicationMode -eq 'Replica' -and $_.State -eq 'Off') } | ForEach-Object {
   $vm = $_
   [pscustomobject]@{
     Id = $vm.VMId.Guid; Name = $vm.Name; Generation = $vm.Generation

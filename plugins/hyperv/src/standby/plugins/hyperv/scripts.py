@@ -282,3 +282,111 @@ if ($vm) {
 }
 """
 """One VM by its Hyper-V id (else by name): where it runs now."""
+
+# ---------------------------------------------------------------- Hyper-V Replica (native mode)
+
+REPLICA_SERVER = r"""
+Get-VMReplicationServer | ForEach-Object {
+  [pscustomobject]@{ ReplicationEnabled = $_.ReplicationEnabled
+    AllowedAuthenticationType = $_.AllowedAuthenticationType.ToString() } }
+"""
+"""Whether this host accepts replication (Set-VMReplicationServer was run on it)."""
+
+REPLICA_ENABLE = r"""
+$vm = Get-VM -Id $p.VMId
+try {
+  if (-not (Get-VMReplication -VM $vm -ErrorAction SilentlyContinue)) {
+    $a = @{ VM = $vm; ReplicaServerName = $p.Server; ReplicaServerPort = $p.Port
+      AuthenticationType = $p.Auth; RecoveryHistory = $p.History
+      ReplicationFrequencySec = $p.Frequency; CompressionEnabled = $true }
+    if ($p.Thumbprint) { $a.CertificateThumbprint = $p.Thumbprint }
+    Enable-VMReplication @a
+  }
+  if ((Get-VMReplication -VM $vm).State -eq 'ReadyForInitialReplication') {
+    Start-VMInitialReplication -VM $vm
+  }
+} catch {
+  Remove-VMReplication -VM $vm -ErrorAction SilentlyContinue
+  throw
+}
+Get-VMReplication -VM $vm | ForEach-Object { [pscustomobject]@{ State = $_.State.ToString(); Health = $_.Health.ToString() } }
+"""
+"""Primary side: Enable-VMReplication towards the DR host and the initial replication; undone
+if either fails."""
+
+REPLICA_STATE = r"""
+$vm = Get-VM -Id $p.VMId
+if ($p.Final) { Start-VMFailover -Prepare -VM $vm -Confirm:$false }
+Get-VMReplication -VM $vm | ForEach-Object {
+  [pscustomobject]@{ State = $_.State.ToString(); Health = $_.Health.ToString()
+    Mode = $_.Mode.ToString(); LastReplicationTime = $_.LastReplicationTime.ToUniversalTime().ToString('o') } }
+"""
+"""Primary side: the relationship's state and health (`Final`: after the VM was shut down,
+`Start-VMFailover -Prepare` ships what is left first)."""
+
+REPLICA_POINTS = r"""
+$vm = Get-VM -Id $p.VMId
+$r = Get-VMReplication -VM $vm
+[pscustomobject]@{
+  Name = $vm.Name; LastReplicationTime = $r.LastReplicationTime.ToUniversalTime().ToString('o')
+  Snapshots = @(Get-VMSnapshot -VM $vm -SnapshotType Replica | ForEach-Object {
+    [pscustomobject]@{ Id = $_.Id.Guid; CreationTime = $_.CreationTime.ToUniversalTime().ToString('o') } })
+}
+"""
+"""Replica side: its recovery points (the recovery history) and the latest replication."""
+
+REPLICA_FAILOVER = r"""
+$vm = Get-VM -Id $p.VMId
+$snap = $null
+if ($p.Snapshot) { $snap = Get-VMSnapshot -VM $vm | Where-Object { $_.Id.Guid -eq $p.Snapshot } }
+if ($p.Test) {
+  $name = "$($vm.Name) - Test"
+  $t = Get-VM | Where-Object { $_.Name -eq $name } | Select-Object -First 1
+  if (-not $t) {
+    if ($snap) { Start-VMFailover -AsTest -VMRecoverySnapshot $snap -Confirm:$false }
+    else { Start-VMFailover -AsTest -VM $vm -Confirm:$false }
+    $t = Get-VM | Where-Object { $_.Name -eq $name } | Select-Object -First 1
+  }
+  if (-not (Get-VMSwitch | Where-Object { $_.Name -eq $p.TestSwitch })) {
+    New-VMSwitch -Name $p.TestSwitch -SwitchType Private | Out-Null
+  }
+  Get-VMNetworkAdapter -VM $t | Connect-VMNetworkAdapter -SwitchName $p.TestSwitch
+  if ($t.State -ne 'Running') { Start-VM -VM $t }
+  $vm = $t
+} elseif ($vm.State -ne 'Running') {
+  if ($snap) { Start-VMFailover -VMRecoverySnapshot $snap -Confirm:$false }
+  else { Start-VMFailover -VM $vm -Confirm:$false }
+  foreach ($n in $p.Nics) {
+    Get-VMNetworkAdapter -VM $vm | Where-Object { $_.MacAddress -eq $n.Mac } |
+      Connect-VMNetworkAdapter -SwitchName $n.Switch
+  }
+  Start-VM -VM $vm
+}
+[pscustomobject]@{ Id = $vm.VMId.Guid; Name = $vm.Name }
+"""
+"""Replica side: a drill (`Start-VMFailover -AsTest`: Hyper-V's `<vm> - Test` VM, on the
+private switch) or a failover (`Start-VMFailover` on the chosen recovery point, NICs on the
+mapped switches, `Start-VM`)."""
+
+REPLICA_STOP_TEST = r"""
+Stop-VMFailover -VM (Get-VM -Id $p.VMId)
+"""
+"""Replica side: end a drill (Hyper-V removes the test VM)."""
+
+REPLICA_COMPLETE = r"""
+Complete-VMFailover -VM (Get-VM -Id $p.VMId) -Confirm:$false
+"""
+"""Replica side: commit a failover (the other recovery points go)."""
+
+REPLICA_REVERSE = r"""
+$a = @{ VM = (Get-VM -Id $p.VMId); Reverse = $true; ReplicaServerName = $p.Server
+  ReplicaServerPort = $p.Port; AuthenticationType = $p.Auth }
+if ($p.Thumbprint) { $a.CertificateThumbprint = $p.Thumbprint }
+Set-VMReplication @a
+"""
+"""The new primary (the failed-over VM's host): replicate back to the old primary."""
+
+REPLICA_DISABLE = r"""
+Get-VM -Id $p.VMId | Remove-VMReplication
+"""
+"""Either side: end the replication relationship (the VMs stay)."""

@@ -28,7 +28,13 @@ from standby.core.config import Site
 from standby.core.errors import ConfigError, NotFound, PluginError
 from standby.core.extents import Intervals, normalize, subtract, union
 from standby.core.imagefiles import chain
-from standby.core.interfaces import Buffer, ReplicaWriter, Target, TargetCapabilities
+from standby.core.interfaces import (
+    Buffer,
+    NativeReplication,
+    ReplicaWriter,
+    Target,
+    TargetCapabilities,
+)
 from standby.core.model import (
     Extent,
     FailoverResult,
@@ -39,7 +45,7 @@ from standby.core.model import (
     VMSpec,
 )
 
-from . import files, scripts, vhdx
+from . import files, replica, scripts, vhdx
 from .conn import HyperVOptions, PowerShell, as_list
 from .inventory import MAX_VHDX
 from .smb import SmbPool, SmbShare
@@ -341,6 +347,10 @@ class HyperVTarget(Target):
         size: str | None = None,
         failover_id: int | None = None,
     ) -> FailoverResult:
+        if point.ref.get("native") == replica.KIND:
+            return replica.HyperVReplica(self).failover(
+                protection, point, test, network, failover_id
+            )
         vm = protection.vm
         fid = failover_id or 0
         fdir = self._fdir(protection, test, fid)
@@ -414,6 +424,10 @@ class HyperVTarget(Target):
 
     def cleanup_test(self, protection: ProtectionInfo, ref: Mapping[str, Any]) -> None:
         """Remove the VM a failover made (by its mark) and its folder of disks."""
+        if ref.get("native") == replica.KIND:
+            if ref.get("kind", "test") == "test":
+                replica.HyperVReplica(self).stop_test(protection)
+            return
         test = ref.get("kind", "test") == "test"
         fid = int(ref.get("failover_id") or 0)
         params = {"FailoverId": fid, "TestName": self.test_name(protection) if test else None}
@@ -428,11 +442,18 @@ class HyperVTarget(Target):
         released: list[PointInfo],
     ) -> None:
         """The failed-over VM runs on the point's chain: files of released points newer than
-        it (not in that chain) go; the chain stays."""
+        it (not in that chain) go; the chain stays. (Hyper-V Replica: Complete-VMFailover.)"""
+        if point.ref.get("native") == replica.KIND:
+            replica.HyperVReplica(self).complete(protection)
+            return
         for p in released:
             if p.id > point.id:
                 for f in p.ref.get("files", {}).values():
                     self.share.remove(self.rel(str(f)))
+
+    def native(self, kind: str) -> NativeReplication | None:
+        """Hyper-V Replica between two Hyper-V hosts (`replication = "hyperv-replica"`)."""
+        return replica.HyperVReplica(self) if kind == replica.KIND else None
 
     def seed(self, protection: ProtectionInfo, original: VMSpec) -> dict[str, Any] | None:
         """The original VM's disks (it must be off) as the base of the new replica: the
