@@ -7,6 +7,7 @@ a differencing chain, which the source reads)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from test_lifecycle import domain_disk
 from test_physical_to_azure import _managed_disk
 
 from standby.core.config import Policy
+from standby.core.errors import StandbyError
 from standby.plugins.physical import lab
 from support.azure import AzureEnv
 from support.hyperv import HyperVLab, start_hyperv
@@ -289,8 +291,20 @@ def test_hyperv_replica_mode_drill_planned_reprotect_and_failback(
     second = e.replicate("rp1")
     assert second.point_id != first.point_id
     assert replica_disk() == raw_of(vm.disks[0].path, "vhdx", tmp_path)
-    status = env.cli("status", "--json", check=True).stdout
-    assert "rp1" in status
+    rows = json.loads(env.cli("status", "--json", check=True).stdout)
+    row = next(r for r in rows if r["vm"] == "rp1")
+    assert row["replication"] == "hyperv-replica" and row["health"] == "ok"
+    assert row["points"] == 3, "the initial replication and two intervals"
+    assert row["last_cycle"]["kind"] == "native"
+
+    dr.replica_server = False  # a DR host not set up as a Replica server: one line, no change
+    host.add_vm("rp2", [8])
+    with pytest.raises(StandbyError, match="not a Hyper-V Replica server") as err:
+        e.protect("rp2", "hv", "hv2", policy)
+    assert "\n" not in str(err.value) and host.vms["rp2"].repl is None
+    with e.state.session() as s, pytest.raises(StandbyError):
+        e.state.protection(s, "rp2")
+    dr.replica_server = True
 
     life.failover("rp1", kind="test")
     test_vm = dr.vms["rp1 - Test"]

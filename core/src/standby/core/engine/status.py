@@ -56,6 +56,7 @@ def status_rows(state: State, home: Path | None = None) -> list[dict[str, Any]]:
                     "source": prot.source_site,
                     "target": prot.target_site,
                     "state": prot.state,
+                    "replication": policy.replication,
                     "points": len(visible),
                     "latest_point": latest.id if latest else None,
                     "latest_point_time": aware(latest.created_at).isoformat() if latest else None,
