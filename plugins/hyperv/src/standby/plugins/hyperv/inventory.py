@@ -15,7 +15,8 @@ REPLICA_MARK = "standby:replica"
 MAX_VHDX = 64 << 40  # 64 TB: the VHDX format's limit
 
 INVENTORY = r"""
-Get-VM | Where-Object { $_.Notes -notlike '*standby:replica*' -and $_.ReplicationMode -ne 'TestReplica' -and
+Get-VM | Where-Object {
+  $_.Notes -notlike '*standby:replica*' -and $_.ReplicationMode -ne 'TestReplica' -and
   -not ($_.ReplicationMode -eq 'Replica' -and $_.State -eq 'Off') } | ForEach-Object {
   $vm = $_
   [pscustomobject]@{
