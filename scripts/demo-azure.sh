@@ -21,9 +21,10 @@ fi
 mkdir -p "$W"
 
 step "the Azure doubles: Azurite (blob storage, HTTPS) and the fake ARM (HTTPS, AAD tokens)"
-uv run --no-sync python tests/doubles/serve_azure.py --dir "$W/azure" >"$W/doubles.log" 2>&1 &
+# its own session (setsid): stopping it stops uv, python and the servers they start
+setsid uv run --no-sync python tests/doubles/serve_azure.py --dir "$W/azure" >"$W/doubles.log" 2>&1 &
 DOUBLES=$!
-trap 'kill $DOUBLES 2>/dev/null || true; wait $DOUBLES 2>/dev/null || true' EXIT
+trap 'kill -- "-$DOUBLES" 2>/dev/null || true; wait $DOUBLES 2>/dev/null || true' EXIT
 for _ in $(seq 100); do [ -e "$W/azure/ready" ] && break; sleep 0.2; done
 [ -e "$W/azure/ready" ] || { cat "$W/doubles.log"; exit 1; }
 cat "$W/doubles.log"

@@ -20,7 +20,15 @@ hv() { uv run --no-sync python tests/doubles/serve_hyperv.py "$@"; }
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 MiB=1048576
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
+# Each double runs in a session of its own (setsid), so stopping it stops its whole group
+# (uv, python, the servers they start); VMs the demo left running would outlive their
+# embedded libvirt, so they stop too (the state stays in $W).
+bg() { setsid "$@" & PIDS+=($!); }
+cleanup() {
+  for p in "${PIDS[@]}"; do kill -- "-$p" 2>/dev/null || kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  pkill -f "qemu-system.*$W/" 2>/dev/null || true
+}
 trap cleanup EXIT
 wait_ready() { for _ in $(seq 150); do [ -e "$1" ] && return 0; sleep 0.2; done; cat "$2"; exit 1; }
 field() { uv run --no-sync python -c 'import json,sys; d=json.load(open(sys.argv[1])); [d:=d[k] for k in sys.argv[2:]]; print(d)' "$@"; }
@@ -30,10 +38,9 @@ rm -rf "$W"
 mkdir -p "$W" "$STANDBY_HOME/sites" "$STANDBY_HOME/policies"
 
 step "the doubles: two Hyper-V hosts (3 VMs with 64 MiB VHDX disks on hv-a, none on hv-b), a VMM server managing both, Azure"
-hv serve --dir "$W/hv" --vms 3 --disk-mb 64 >"$W/hv.log" 2>&1 &
-PIDS+=($!)
-uv run --no-sync python tests/doubles/serve_azure.py --dir "$W/azure" >"$W/azure.log" 2>&1 &
-PIDS+=($!)
+bg uv run --no-sync python tests/doubles/serve_hyperv.py serve --dir "$W/hv" --vms 3 \
+  --disk-mb 64 >"$W/hv.log" 2>&1
+bg uv run --no-sync python tests/doubles/serve_azure.py --dir "$W/azure" >"$W/azure.log" 2>&1
 wait_ready "$W/hv/ready.json" "$W/hv.log"
 wait_ready "$W/azure/ready" "$W/azure.log"
 cat "$W/hv.log" "$W/azure.log"
@@ -121,5 +128,5 @@ standby commit "$VM3"
 standby status
 
 step "demo done"
-echo "Not yet here: the native Hyper-V Replica mode (issue 10 is open)."
+echo "Also there: Hyper-V Replica as the mover (replication = \"hyperv-replica\", docs/hyperv.md)."
 echo "State stays in $W for a look; the doubles stop now (make demo-hyperv starts afresh)."

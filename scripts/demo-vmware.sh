@@ -16,7 +16,15 @@ vc() { uv run --no-sync python tests/doubles/serve_vcsim.py "$@"; }
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 MiB=1048576
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
+# Each double runs in a session of its own (setsid), so stopping it stops its whole group
+# (uv, python, the servers they start); VMs the demo left running would outlive their
+# embedded libvirt, so they stop too (the state stays in $W).
+bg() { setsid "$@" & PIDS+=($!); }
+cleanup() {
+  for p in "${PIDS[@]}"; do kill -- "-$p" 2>/dev/null || kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  pkill -f "qemu-system.*$W/" 2>/dev/null || true
+}
 trap cleanup EXIT
 wait_ready() { for _ in $(seq 150); do [ -e "$1" ] && return 0; sleep 0.2; done; cat "$2"; exit 1; }
 
@@ -26,13 +34,11 @@ mkdir -p "$W" "$STANDBY_HOME/sites" "$STANDBY_HOME/policies"
 
 step "the doubles: production vCenter (2 VMs), DR vCenter (empty), Azure"
 # prod is also where failbacks land: its site file names the datastore standby reaches as files
-vc serve --dir "$W/prod" --vms 2 --disk-mb 128 --dr --env VC_PROD \
-  --extra 'networks = { "default" = "DC0_DVPG0" }' >"$W/prod.log" 2>&1 &
-PIDS+=($!)
-vc serve --dir "$W/dr" --vms 0 --dr --env VC_DR >"$W/dr.log" 2>&1 &
-PIDS+=($!)
-uv run --no-sync python tests/doubles/serve_azure.py --dir "$W/azure" >"$W/azure.log" 2>&1 &
-PIDS+=($!)
+VC=(uv run --no-sync python tests/doubles/serve_vcsim.py)
+bg "${VC[@]}" serve --dir "$W/prod" --vms 2 --disk-mb 128 --dr --env VC_PROD \
+  --extra 'networks = { "default" = "DC0_DVPG0" }' >"$W/prod.log" 2>&1
+bg "${VC[@]}" serve --dir "$W/dr" --vms 0 --dr --env VC_DR >"$W/dr.log" 2>&1
+bg uv run --no-sync python tests/doubles/serve_azure.py --dir "$W/azure" >"$W/azure.log" 2>&1
 wait_ready "$W/prod/ready.json" "$W/prod.log"
 wait_ready "$W/dr/ready.json" "$W/dr.log"
 wait_ready "$W/azure/ready" "$W/azure.log"
