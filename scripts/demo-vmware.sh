@@ -22,7 +22,11 @@ PIDS=()
 bg() { setsid "$@" & PIDS+=($!); }
 cleanup() {
   for p in "${PIDS[@]}"; do kill -- "-$p" 2>/dev/null || kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do  # a double that does not stop in 15 s is killed
+    ( sleep 15; kill -9 -- "-$p" 2>/dev/null ) >/dev/null 2>&1 & dog=$!
+    wait "$p" 2>/dev/null || true
+    kill "$dog" 2>/dev/null || true
+  done
   pkill -f "qemu-system.*$W/" 2>/dev/null || true
 }
 trap cleanup EXIT

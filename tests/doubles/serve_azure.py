@@ -12,7 +12,7 @@ import argparse
 import os
 import signal
 import sys
-import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,9 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     base: Path = args.dir.resolve()
     base.mkdir(parents=True, exist_ok=True)
-    stop = threading.Event()
+    stopping: list[int] = []  # a signal handler may only append here: it can run at any
+    # point of the main thread, even inside a lock another handler call holds
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda signum, _frame: stopping.append(signum))
     with azure_doubles(persist=True, base=base) as env:
         env.make_dr_network()
         (base / "site.toml").write_text(env.site_toml(args.container))
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         (base / "ready").write_text(f"{env.azurite.endpoint} {env.arm.url}\n")
         print(f"ready: blob {env.azurite.endpoint}  ARM {env.arm.url}", flush=True)
-        stop.wait()
+        while not stopping:
+            time.sleep(0.2)
         (base / "ready").unlink(missing_ok=True)
         (base / "requests.log").write_text(
             "".join(f"{m} {p} {st}\n" for m, p, st in env.arm.requests)

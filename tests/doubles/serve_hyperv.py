@@ -28,6 +28,7 @@ import socketserver
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,9 +43,10 @@ NAMES = ["web01", "app01", "db01", "file01", "dc01", "print01"]
 def _serve(args: argparse.Namespace) -> int:
     base: Path = args.dir.resolve()
     base.mkdir(parents=True, exist_ok=True)
-    stop = threading.Event()
+    stopping: list[int] = []  # a signal handler may only append here: it can run at any
+    # point of the main thread, even inside a lock another handler call holds
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda signum, _frame: stopping.append(signum))
     lab = start_hyperv(base / "host", env_prefix=f"STANDBY_{args.env}")
     drlab = start_hyperv(base / "drhost", env_prefix=f"STANDBY_{args.env}DR")
     clouds = {"Gold": Cloud(["hv-a.corp"], ["Prod"]), "DR": Cloud(["hv-b.corp"], ["DR-Prod"])}
@@ -76,7 +78,8 @@ def _serve(args: argparse.Namespace) -> int:
             f"VMs {', '.join(lab.model.vms)}",
             flush=True,
         )
-        stop.wait()
+        while not stopping:
+            time.sleep(0.2)
         server.shutdown()
     finally:
         (base / "ready.json").unlink(missing_ok=True)

@@ -17,7 +17,7 @@ import json
 import signal
 import subprocess
 import sys
-import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,9 +27,10 @@ from doubles.vcsim_proc import Vcsim, start_vcsim
 
 def _serve(args: argparse.Namespace) -> int:
     base: Path = args.dir.resolve()
-    stop = threading.Event()
+    stopping: list[int] = []  # a signal handler may only append here: it can run at any
+    # point of the main thread, even inside a lock another handler call holds
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda signum, _frame: stopping.append(signum))
     sim = start_vcsim(base, vms=args.vms, disk_mb=args.disk_mb)
     try:
         env = f"STANDBY_{args.env}_PASSWORD"
@@ -51,7 +52,8 @@ def _serve(args: argparse.Namespace) -> int:
                  "datastore_dir": str(sim.datastore_dir), "pid": sim.proc.pid}  # fmt: skip
         (base / "ready.json").write_text(json.dumps(ready))
         print(f"ready: vCenter double at https://{sim.host}:{sim.port}/sdk", flush=True)
-        stop.wait()
+        while not stopping:
+            time.sleep(0.2)
     finally:
         (base / "ready.json").unlink(missing_ok=True)
         sim.stop()
