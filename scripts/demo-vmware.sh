@@ -11,26 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${STANDBY_DEMO_DIR:-$PWD/demo-work}/vmware
 export STANDBY_HOME="$W/home"
-standby() { uv run --no-sync standby "$@"; }
+# shellcheck source=scripts/demo-lib.sh
+source scripts/demo-lib.sh
 vc() { uv run --no-sync python tests/doubles/serve_vcsim.py "$@"; }
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-MiB=1048576
-PIDS=()
-# Each double runs in a session of its own (setsid), so stopping it stops its whole group
-# (uv, python, the servers they start); VMs the demo left running would outlive their
-# embedded libvirt, so they stop too (the state stays in $W).
-bg() { setsid "$@" & PIDS+=($!); }
-cleanup() {
-  for p in "${PIDS[@]}"; do kill -- "-$p" 2>/dev/null || kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do  # a double that does not stop in 15 s is killed
-    ( sleep 15; kill -9 -- "-$p" 2>/dev/null ) >/dev/null 2>&1 & dog=$!
-    wait "$p" 2>/dev/null || true
-    kill "$dog" 2>/dev/null || true
-  done
-  pkill -f "qemu-system.*$W/" 2>/dev/null || true
-}
-trap cleanup EXIT
-wait_ready() { for _ in $(seq 150); do [ -e "$1" ] && return 0; sleep 0.2; done; cat "$2"; exit 1; }
 
 step "fresh demo directory $W"
 rm -rf "$W"

@@ -9,6 +9,8 @@ from __future__ import annotations
 import errno
 import threading
 import uuid
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from standby.core.errors import AuthError, NotFound, PluginError, TransientError
@@ -93,6 +95,31 @@ class SmbFile:
         in flight together."""
         return self.pread_many([(offset, length)])[0]
 
+    def _in_flight(self, requests: list[tuple[int, Callable[[], tuple[Any, Any]]]]) -> list[Any]:
+        """Send requests (payload length, a maker of smbprotocol's unsent message and its
+        receiver) as many at a time as this connection's credits allow (one credit per
+        64 KiB), then take their answers in order; the answers, in order."""
+        tree = self.file.tree_connect
+        sid, tid = tree.session.session_id, tree.tree_connect_id
+        answers: list[Any] = []
+        with self._lock:
+            at = 0
+            while at < len(requests):
+                window = self.conn.sequence_window
+                credits = max(1, int(window["high"]) - int(window["low"]))
+                sent: list[tuple[Any, Any]] = []
+                used = 0
+                while at < len(requests):
+                    length, make = requests[at]
+                    charge = max(1, -(-length // 65536))
+                    if sent and used + charge > credits:
+                        break
+                    msg, receive = make()
+                    sent.append((self.conn.send(msg, sid, tid), receive))
+                    used, at = used + charge, at + 1
+                answers += [receive(request) for request, receive in sent]
+        return answers
+
     def pread_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:
         """(offset, length) ranges read with their requests in flight together on this
         connection (as many as its credits allow), instead of one round trip each."""
@@ -105,30 +132,14 @@ class SmbFile:
                 (i, o, min(self.max_read, end - o)) for o in range(offset, end, self.max_read)
             ]
         out: list[list[bytes]] = [[] for _ in ranges]
-        tree = self.file.tree_connect
-        sid, tid = tree.session.session_id, tree.tree_connect_id
         try:
-            with self._lock:
-                at = 0
-                while at < len(pieces):
-                    window = self.conn.sequence_window
-                    credits = max(1, int(window["high"]) - int(window["low"]))
-                    sent: list[tuple[int, int, Any, Any]] = []
-                    used = 0
-                    while at < len(pieces):
-                        i, offset, n = pieces[at]
-                        charge = -(-n // 65536)
-                        if sent and used + charge > credits:
-                            break
-                        msg, receive = self.file.read(offset, n, send=False)
-                        request = self.conn.send(msg, sid, tid)
-                        sent.append((i, n, request, receive))
-                        used, at = used + charge, at + 1
-                    for i, n, request, receive in sent:
-                        data = receive(request)
-                        if len(data) != n:
-                            raise SMBException(f"short read ({len(data)} of {n} bytes)")
-                        out[i].append(data)
+            got = self._in_flight(
+                [(n, partial(self.file.read, o, n, send=False)) for _i, o, n in pieces]
+            )
+            for (i, _o, n), data in zip(pieces, got, strict=True):
+                if len(data) != n:
+                    raise SMBException(f"short read ({len(data)} of {n} bytes)")
+                out[i].append(data)
         except (SMBException, OSError) as exc:
             raise TransientError(f"{self.where}: batched read failed: {exc}") from exc
         return [parts[0] if len(parts) == 1 else b"".join(parts) for parts in out]
@@ -145,27 +156,15 @@ class SmbFile:
                 (offset + o, view[o : o + self.max_write])
                 for o in range(0, len(view), self.max_write)
             ]
-        tree = self.file.tree_connect
-        sid, tid = tree.session.session_id, tree.tree_connect_id
         try:
+
+            def maker(offset: int, view: memoryview) -> Callable[[], tuple[Any, Any]]:
+                return lambda: self.file.write(bytes(view), offset, send=False)  # copy at send
+
+            done = self._in_flight([(len(v), maker(o, v)) for o, v in split])
+            if any(n != len(v) for n, (_o, v) in zip(done, split, strict=True)):
+                raise SMBException("short write")
             with self._lock:
-                at = 0
-                while at < len(split):
-                    window = self.conn.sequence_window
-                    credits = max(1, int(window["high"]) - int(window["low"]))
-                    sent: list[tuple[int, Any, Any]] = []
-                    used = 0
-                    while at < len(split):
-                        offset, view = split[at]
-                        charge = max(1, -(-len(view) // 65536))
-                        if sent and used + charge > credits:
-                            break
-                        msg, receive = self.file.write(bytes(view), offset, send=False)
-                        sent.append((len(view), self.conn.send(msg, sid, tid), receive))
-                        used, at = used + charge, at + 1
-                    for n, request, receive in sent:
-                        if receive(request) != n:
-                            raise SMBException("short write")
                 self._size = max([self._size, *(o + len(v) for o, v in split)])
         except (SMBException, OSError) as exc:
             raise TransientError(f"{self.where}: write failed: {exc}") from exc

@@ -76,10 +76,21 @@ class _Vmm:
     opts: VmmOptions
     ps: PowerShell
 
-    def _init(self, site: Site) -> None:
+    def __init__(self, site: Site) -> None:
+        super().__init__(site)  # type: ignore[call-arg]  # Plugin's, next in the MRO
         self.opts = site.options(VmmOptions)
         self.ps = PowerShell(self.opts)
         self._hosts: dict[str, Any] = {}
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return HyperVSource.unavailable_reason()
+
+    def connect(self) -> None:
+        self.ps.connect()
+
+    def close(self) -> None:
+        self.close_hosts()
 
     def host_site(self, name: str) -> Site:
         """The managed host `name` as a Hyper-V site: this file's keys, the host's own table
@@ -156,18 +167,7 @@ class VmmSource(_Vmm, Source):
 
     def __init__(self, site: Site) -> None:
         super().__init__(site)
-        self._init(site)
         self._snaps: dict[int, HyperVSource] = {}
-
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        return HyperVSource.unavailable_reason()
-
-    def connect(self) -> None:
-        self.ps.connect()
-
-    def close(self) -> None:
-        self.close_hosts()
 
     def check(self) -> list[str]:
         vms = self.list_vms()
@@ -258,20 +258,6 @@ class VmmTarget(_Vmm, Target):
 
     plugin_name = "vmm"
     capabilities: ClassVar[TargetCapabilities] = HyperVTarget.capabilities
-
-    def __init__(self, site: Site) -> None:
-        super().__init__(site)
-        self._init(site)
-
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        return HyperVSource.unavailable_reason()
-
-    def connect(self) -> None:
-        self.ps.connect()
-
-    def close(self) -> None:
-        self.close_hosts()
 
     def check(self) -> list[str]:
         facts = self.cloud_facts()
