@@ -101,6 +101,9 @@ class WinRMDouble:
 
         class Req(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # A reply's headers and body go as two writes: with Nagle on, the body waits for
+            # the client's delayed ACK (~40 ms a message), which Windows' http.sys never does.
+            disable_nagle_algorithm = True
             ntlm: Any = None  # this connection's NTLM acceptor, once the handshake is done
 
             def log_message(self, *args: object) -> None:  # quiet
