@@ -186,6 +186,10 @@ class ReplicaWriter(ABC):
     pending state (that is how an interrupted cycle resumes). Safe for concurrent writes.
     """
 
+    checkpoint_seconds: ClassVar[float] = 0.0
+    """The least time between the engine's checkpoints (each one a `flush`) for a target
+    whose flush is costly (sealing a snapshot); the engine's own interval when smaller."""
+
     @abstractmethod
     def write(self, disk: str, offset: int, data: Buffer) -> None:
         """Write bytes at offset (aligned to the target's alignment)."""

@@ -186,6 +186,7 @@ class Copier:
         todo = iter(batches(jobs))
         pending: set[Future[int]] = set()
         last_checkpoint = time.monotonic()
+        every = max(CHECKPOINT_SECONDS, self.writer.checkpoint_seconds)
         with ThreadPoolExecutor(self.workers, thread_name_prefix="standby-copy") as pool:
             try:
                 while True:
@@ -201,7 +202,7 @@ class Copier:
                     finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
                     for fut in finished:
                         self.progress.advance(fut.result())
-                    if time.monotonic() - last_checkpoint >= CHECKPOINT_SECONDS:
+                    if time.monotonic() - last_checkpoint >= every:
                         self.checkpoint(jobs)
                         last_checkpoint = time.monotonic()
             except BaseException:

@@ -1,0 +1,1 @@
+"""standby provider for AWS."""

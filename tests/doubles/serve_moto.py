@@ -1,0 +1,72 @@
+"""Run the AWS double (moto's server behind the EBS shim) until SIGINT/SIGTERM.
+
+    python tests/doubles/serve_moto.py --dir DIR [--port N] [--access-key AKID ...]
+
+HTTPS with DIR/tls/cert.pem when it exists (made by the caller), blocks under DIR/blocks.
+Writes DIR/port once it listens; removes it on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import ssl
+import sys
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, required=True)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--access-key", action="append", default=[])
+    args = parser.parse_args(argv)
+    base: Path = args.dir.resolve()
+    base.mkdir(parents=True, exist_ok=True)
+
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
+    from werkzeug.serving import make_server
+
+    from doubles.moto_ebs import BlockStore, Shim, patch_moto
+
+    store = BlockStore(base / "blocks")
+    patch_moto(store)
+    app = Shim(DomainDispatcherApplication(create_backend_app), store, args.access_key)
+    ctx = None
+    cert, key = base / "tls" / "cert.pem", base / "tls" / "key.pem"
+    if cert.exists():
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+    server = make_server(
+        "127.0.0.1",
+        args.port,
+        app,
+        threaded=True,
+        request_handler=MotoRequestHandler,
+        ssl_context=ctx,
+    )
+    stopping: list[int] = []  # a signal handler only appends (it may interrupt anything)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: stopping.append(signum))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    (base / "port").write_text(f"{server.server_port}\n")
+    print(f"ready: {'https' if ctx else 'http'}://127.0.0.1:{server.server_port}", flush=True)
+    while not stopping:
+        thread.join(0.2)
+    (base / "port").unlink(missing_ok=True)
+    server.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
