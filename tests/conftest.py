@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from support.aws import AwsEnv, aws_double
 from support.azure import AzureEnv, azure_doubles
 from support.labenv import Lab, kill_qemu, write_site
 
@@ -43,4 +44,11 @@ def labenv() -> Iterator[Lab]:
 def azenv() -> Iterator[AzureEnv]:
     """Azurite (HTTPS, blobs on disk) and the fake ARM, one pinned certificate, per module."""
     with azure_doubles(persist=True) as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def awsenv() -> Iterator[AwsEnv]:
+    """The AWS double (moto behind the EBS shim, HTTPS, a pinned cert), per module."""
+    with aws_double() as env:
         yield env

@@ -543,6 +543,10 @@ class Shim:
                 [("Content-Type", "application/octet-stream"), ("Content-Length", str(length))],
             )
             return store.image(blocks, offset, length)
+        if path == "/_standby/fault" and "clear" in q:
+            with self.faults.lock:
+                self.faults.pending.clear()
+            return self._json(start, 200, {})
         if path == "/_standby/fault":
             self.faults.add(
                 q["action"], q["code"], int(q.get("count", 1)), int(q.get("status", 400))

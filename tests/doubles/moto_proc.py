@@ -70,6 +70,10 @@ class Moto:
         with self._open(f"/_standby/fault?{q}", b"", "POST"):
             pass
 
+    def clear_faults(self) -> None:
+        with self._open("/_standby/fault?clear=1", b"", "POST"):
+            pass
+
     def stats(self) -> dict[str, Any]:
         with self._open("/_standby/stats") as r:
             doc: dict[str, Any] = json.loads(r.read())

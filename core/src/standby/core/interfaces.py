@@ -221,6 +221,11 @@ class ReplicaWriter(ABC):
         holds outside `planned` (a misplaced write). The default proves nothing."""
         return written
 
+    def notes(self) -> list[str]:
+        """What the operator should read in the cycle's report about this session (retried
+        throttling, a slow service), asked for once the point is sealed."""
+        return []
+
     @abstractmethod
     def commit_point(self, point_id: int, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Seal the pending state as recovery point `point_id`; idempotent. Returns its ref.

@@ -340,6 +340,7 @@ class CycleRun:
         meta = commit.point_meta(self.ctx.state, b.cycle_id)
         if writer is not None:
             ref = writer.commit_point(b.cycle_id, meta)
+            notes = [*notes, *writer.notes()]
         else:  # a resumed commit: the target's commit_point is idempotent
             with target.open_writer(b.pinfo, b.cycle_id, b.base) as w:
                 ref = w.commit_point(b.cycle_id, meta)

@@ -409,6 +409,10 @@ class ChainWriter(ReplicaWriter):
         the service checked too: nothing is left to read back."""
         return []
 
+    def notes(self) -> list[str]:
+        note = self.c.retries.note("AWS target")
+        return [note] if note else []
+
     def heads(self) -> dict[str, str]:
         """Disk -> its head after a flush; a disk never written gets an empty snapshot."""
         self.flush()

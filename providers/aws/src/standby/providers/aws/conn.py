@@ -128,6 +128,15 @@ class RetryCounter:
             out, self.counts = self.counts, {}
         return out
 
+    def note(self, who: str) -> str | None:
+        """`AWS target: retried with backoff: RequestThrottledException x3` (None: no retries);
+        the counts are reset."""
+        counts = self.take()
+        if not counts:
+            return None
+        told = ", ".join(f"{code} x{n}" for code, n in sorted(counts.items()))
+        return f"{who}: calls retried with backoff: {told}"
+
 
 def error_code(exc: BaseException) -> str:
     """The AWS error code of a botocore ClientError ('' when there is none)."""

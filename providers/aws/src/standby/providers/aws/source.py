@@ -63,6 +63,7 @@ class _Cycle:
     sizes: dict[str, int] = field(default_factory=dict)
     tokens: dict[str, dict[int, str | None]] = field(default_factory=dict)
     full: dict[str, bool] = field(default_factory=dict)
+    retried: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -344,6 +345,7 @@ class AwsSource(AwsPlugin, Source):
         with cycle.lock:
             cycle.tokens[disk] = blocks
             cycle.full[disk] = not old
+        self._note_retries(snapshot)
         size = cycle.sizes[disk]
         run: list[int] = []
         for idx in sorted(blocks):
@@ -358,6 +360,22 @@ class AwsSource(AwsPlugin, Source):
                 run = [start, min(size, start + ebs.BLOCK)]
         if run:
             yield Extent(run[0], run[1] - run[0])
+
+    def _note_retries(self, snapshot: Snapshot) -> None:
+        """Keep one note in the cycle's report with the calls retried so far."""
+        cycle: _Cycle = snapshot.handle
+        with cycle.lock:
+            for code, n in self.clients.retries.take().items():
+                cycle.retried[code] = cycle.retried.get(code, 0) + n
+            if not cycle.retried:
+                return
+            told = ", ".join(f"{c} x{n}" for c, n in sorted(cycle.retried.items()))
+            note = f"AWS source: calls retried with backoff: {told}"
+            old = [i for i, n in enumerate(snapshot.notes) if n.startswith("AWS source: calls")]
+            if old:
+                snapshot.notes[old[0]] = note
+            else:
+                snapshot.notes.append(note)
 
     def _token(self, cycle: _Cycle, disk: str, idx: int) -> str | None:
         with cycle.lock:
@@ -396,4 +414,6 @@ class AwsSource(AwsPlugin, Source):
         else:
             futures = {i: self._pool.submit(self._block, cycle, disk, i) for i in wanted}
             got = {i: f.result() for i, f in futures.items()}
+        if self.clients.retries.counts:
+            self._note_retries(snapshot)
         return [self._assemble(cycle, disk, e, got) for e in extents]
