@@ -543,6 +543,13 @@ class Shim:
                 [("Content-Type", "application/octet-stream"), ("Content-Length", str(length))],
             )
             return store.image(blocks, offset, length)
+        if path == "/_standby/blocks":
+            with store.lock:
+                if "volume" in q:
+                    held = sorted(store.volumes.get(q["volume"], {}))
+                else:
+                    held = sorted(self._completed(q["snapshot"]).blocks)
+            return self._json(start, 200, {"blocks": held, "block_size": BLOCK})
         if path == "/_standby/fault" and "clear" in q:
             with self.faults.lock:
                 self.faults.pending.clear()

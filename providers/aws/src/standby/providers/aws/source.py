@@ -161,7 +161,8 @@ class AwsSource(AwsPlugin, Source):
         vols = self._volumes([str(b["Ebs"]["VolumeId"]) for b in bdms])
         root = str(inst.get("RootDeviceName") or "")
         devices = [str(b["DeviceName"]) for b in bdms]
-        boot_dev = root if root in devices else (sorted(devices)[0] if devices else "")
+        usual = [d for d in ("/dev/xvda", "/dev/sda1", "/dev/sda", "/dev/nvme0n1") if d in devices]
+        boot_dev = root if root in devices else (usual or devices or [""])[0]
         out = []
         for b in sorted(bdms, key=lambda b: (b["DeviceName"] != boot_dev, b["DeviceName"])):
             dev = str(b["DeviceName"])
