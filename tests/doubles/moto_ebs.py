@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -190,6 +191,8 @@ class Shim:
         akid, region, service = match.groups() if match else ("", "us-east-1", "")
         if service == "ebs":
             return self._ebs(environ, start, akid, region)
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        environ["wsgi.input"] = BytesIO(body)
         if self.keys and akid not in self.keys:
             return self._ec2_error(
                 start,
@@ -200,10 +203,6 @@ class Shim:
                 ),
             )
         if service == "ec2":
-            body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
-            from io import BytesIO
-
-            environ["wsgi.input"] = BytesIO(body)
             action = (parse_qs(body.decode()).get("Action") or [""])[0]
             fault = self.faults.hit(action)
             if fault is not None:
@@ -257,6 +256,7 @@ class Shim:
                 result: Iterable[bytes] = handler(environ, start, query, region, *args)
             return result
         except ShimError as err:
+            environ["wsgi.input"].read()  # the body unread, the server would drop the connection
             doc = {"Message": err.message, "message": err.message}
             if err.reason:
                 doc["Reason"] = err.reason

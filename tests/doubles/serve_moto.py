@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import ssl
 import sys
 import threading
 from pathlib import Path
@@ -29,42 +28,34 @@ def main(argv: list[str] | None = None) -> int:
     base: Path = args.dir.resolve()
     base.mkdir(parents=True, exist_ok=True)
 
-    from moto.moto_server.werkzeug_app import (
-        DomainDispatcherApplication,
-        MotoRequestHandler,
-        create_backend_app,
-    )
-    from werkzeug.serving import make_server
+    from cheroot import wsgi
+    from cheroot.ssl.builtin import BuiltinSSLAdapter
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 
     from doubles.moto_ebs import BlockStore, Shim, patch_moto
 
     store = BlockStore(base / "blocks")
     patch_moto(store)
     app = Shim(DomainDispatcherApplication(create_backend_app), store, args.access_key)
-    ctx = None
+    # cheroot, not werkzeug's development server: that one closes every connection, so each
+    # call would pay a TLS handshake; AWS keeps connections alive.
+    server = wsgi.Server(("127.0.0.1", args.port), app, numthreads=24, request_queue_size=64)
     cert, key = base / "tls" / "cert.pem", base / "tls" / "key.pem"
     if cert.exists():
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(cert, key)
-    server = make_server(
-        "127.0.0.1",
-        args.port,
-        app,
-        threaded=True,
-        request_handler=MotoRequestHandler,
-        ssl_context=ctx,
-    )
+        server.ssl_adapter = BuiltinSSLAdapter(str(cert), str(key))
     stopping: list[int] = []  # a signal handler only appends (it may interrupt anything)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: stopping.append(signum))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    server.prepare()
+    thread = threading.Thread(target=server.serve, daemon=True)
     thread.start()
-    (base / "port").write_text(f"{server.server_port}\n")
-    print(f"ready: {'https' if ctx else 'http'}://127.0.0.1:{server.server_port}", flush=True)
+    port = server.bind_addr[1]
+    (base / "port").write_text(f"{port}\n")
+    print(f"ready: {'https' if cert.exists() else 'http'}://127.0.0.1:{port}", flush=True)
     while not stopping:
         thread.join(0.2)
     (base / "port").unlink(missing_ok=True)
-    server.shutdown()
+    server.stop()
     return 0
 
 

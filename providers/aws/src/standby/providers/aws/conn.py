@@ -153,7 +153,9 @@ def translate(exc: BaseException, what: str) -> StandbyError:
     if isinstance(exc, bc.ProfileNotFound):
         return AuthError(f"{what}: {exc}")
     if isinstance(exc, bc.SSLError):
-        return AuthError(f"{what}: TLS verification of the AWS endpoint failed")
+        if "certificate" in str(exc).lower() or "hostname" in str(exc).lower():
+            return AuthError(f"{what}: TLS verification of the AWS endpoint failed")
+        return TransientError(f"{what}: TLS connection to the AWS endpoint broke")
     if isinstance(exc, bc.EndpointConnectionError | bc.ConnectionClosedError | bc.ReadTimeoutError):
         return TransientError(f"{what}: AWS endpoint unreachable ({type(exc).__name__})")
     if isinstance(exc, bc.ConnectTimeoutError):
