@@ -14,7 +14,7 @@ APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system 
 # reaped; this machine's init reaps every ~2 s (systemd at once). `tini -s` reaps them at once.
 REAP := tini -s --
 
-.PHONY: setup demo demo-azure demo-plan demo-vmware demo-hyperv test lint bench bench-azure bench-rpo bench-rto bench-vmware bench-hyperv clean
+.PHONY: setup demo demo-azure demo-plan demo-vmware demo-hyperv demo-aws test lint bench bench-azure bench-rpo bench-rto bench-vmware bench-hyperv bench-aws clean
 
 setup:
 	@bash scripts/setup.sh $(APT_PACKAGES)
@@ -33,6 +33,9 @@ demo-vmware: setup
 
 demo-hyperv: setup
 	@$(REAP) bash scripts/demo-hyperv.sh
+
+demo-aws: setup
+	@$(REAP) bash scripts/demo-aws.sh
 
 lint: setup
 	uv run ruff check .

@@ -135,6 +135,8 @@ class AwsEnv:
     def volume(self, instance: str, device: str) -> str:
         """The volume id at `device` (`xvda`, `sdf`) of an instance (id or name)."""
         inst_id = self.instances.get(instance, instance)
+        if not inst_id.startswith("i-"):
+            inst_id = self.instances_named(instance)[0]
         got = self.client("ec2").describe_instances(InstanceIds=[inst_id])
         for bdm in got["Reservations"][0]["Instances"][0]["BlockDeviceMappings"]:
             if bdm["DeviceName"].removeprefix("/dev/") == device:

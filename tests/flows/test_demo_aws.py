@@ -1,0 +1,23 @@
+"""`make demo-aws`'s script, run as a new user would (on the doubles, in a scratch dir)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from support.labenv import REPO
+
+
+def test_demo_aws_runs_end_to_end(tmp_path: Path) -> None:
+    env = {**os.environ, "STANDBY_DEMO_DIR": str(tmp_path)}
+    proc = subprocess.run(
+        ["bash", "scripts/demo-aws.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "incremental cycle: read 1048576 bytes (two 512 KiB EBS blocks)" in out
+    assert "Images are identical." in out, "the failed-over volume equals the source disk"
+    assert "hashcompare cycle:" in out and "wrote 65536 home" in out
+    assert "ok vda.qcow2 157286400+65536 = 0x99" in out and "demo done" in out
