@@ -63,5 +63,8 @@ bench-vmware: setup
 bench-hyperv: setup
 	$(REAP) uv run python benchmarks/bench_hyperv.py
 
+bench-aws: setup
+	$(REAP) uv run python benchmarks/bench_aws.py
+
 clean:
 	rm -rf .venv demo-work .pytest_cache .mypy_cache .ruff_cache

@@ -6,14 +6,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import random
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from standby.core.config import Site
 from standby.core.errors import ConfigError, PluginError, TransientError
-from standby.core.model import DiskSpec, Firmware, ProtectionInfo, VMSpec
+from standby.core.model import DiskSpec, Firmware, PointInfo, ProtectionInfo, VMSpec
 from standby.providers.aws import compute, ebs
 from standby.providers.aws.compute import InstanceType, choose_type
 from standby.providers.aws.target import AwsTarget
@@ -156,3 +159,28 @@ class _Damaged:
 def test_a_damaged_block_is_a_transient_error() -> None:
     with pytest.raises(TransientError, match="SHA-256 does not match"):
         ebs.get_block(_Damaged(), "snap-1", 3, "token")
+
+
+def test_many_partial_blocks_each_put_once(target: AwsTarget, awsenv: AwsEnv) -> None:
+    """300 scattered 64 KiB writes from 8 threads (more partial blocks than the writer keeps
+    in memory): each 512 KiB block is put once, and the point holds every write."""
+    mib = 1 << 20
+    spec = VMSpec(id="pp", name="pp", cpus=1, memory_mib=512,
+                  disks=(DiskSpec("vda", 256 * mib, boot=True),))  # fmt: skip
+    p = ProtectionInfo(77, spec, "src", "aws")
+    rng = random.Random(3)
+    blocks = rng.sample(range(512), 300)
+    pieces = [(i * ebs.BLOCK + 65536 * (i % 8), bytes([1 + i % 250]) * 65536) for i in blocks]
+    before = awsenv.moto.stats()["calls"].get("PutSnapshotBlock", 0)
+    with target.open_writer(p, 1, None) as w, ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda piece: w.write("vda", *piece), pieces))
+        ref = w.commit_point(1)
+    assert awsenv.moto.stats()["calls"]["PutSnapshotBlock"] - before == 300
+    point = PointInfo(1, datetime.now(UTC), ref, {"vda": 256 * mib})
+    raw = awsenv.base / "pp.raw"
+    awsenv.moto.save_image(raw, 256 * mib, snapshot=ref["snapshots"]["vda"])
+    want = bytearray(256 * mib)
+    for off, data in pieces:
+        want[off : off + len(data)] = data
+    assert raw.read_bytes() == bytes(want)
+    target.remove(p, [point])

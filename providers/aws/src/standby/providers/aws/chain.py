@@ -37,6 +37,7 @@ POINT_PREFIX = "standby-point-"
 PARTIAL_LIMIT = 128
 """Blocks written in part kept in memory per disk (64 MiB) before they are finished early."""
 BLOCK = ebs.BLOCK
+ZERO_BLOCK = bytes(BLOCK)
 
 
 def point_tag(point_id: int) -> str:
@@ -270,7 +271,6 @@ class ChainWriter(ReplicaWriter):
         digest = ebs.put_block(self.c.ebs, snap, idx, data)
         with d.lock:
             d.digests[idx] = digest
-            d.partial.pop(idx, None)
 
     def _limit(self, d: DiskChain, idx: int) -> int:
         """How much of block `idx` lies inside the disk (the last block may be short)."""
@@ -289,17 +289,23 @@ class ChainWriter(ReplicaWriter):
         while pos < length:
             idx, lo = divmod(offset + pos, BLOCK)
             n = min(BLOCK - lo, length - pos)
-            piece = data[pos : pos + n] if data is not None else bytes(n)
+            piece = data[pos : pos + n] if data is not None else ZERO_BLOCK[:n]
             limit = self._limit(d, idx)
             if lo == 0 and n >= limit:
-                block = piece if n == BLOCK else bytes(piece) + bytes(BLOCK - n)
+                if data is None:
+                    block: bytes | memoryview = ZERO_BLOCK
+                else:
+                    block = piece if n == BLOCK else bytes(piece) + bytes(BLOCK - n)
+                with d.lock:  # the whole block supersedes what was written of it before
+                    d.partial.pop(idx, None)
                 whole.append((idx, block))
             else:
                 with d.lock:
                     part = d.partial.setdefault(idx, _Partial())
                     part.add(lo, piece)
                     if part.full(limit):
-                        whole.append((idx, part.over(bytes(BLOCK))))
+                        del d.partial[idx]
+                        whole.append((idx, part.over(ZERO_BLOCK)))
             pos += n
         return whole
 
@@ -308,16 +314,16 @@ class ChainWriter(ReplicaWriter):
         together; then finish early the oldest partial blocks if too many are held."""
         todo = []
         for idx, block in whole:
-            if idx not in d.digests and not any(block) and idx not in self._present(d):
-                with d.lock:
-                    d.partial.pop(idx, None)
+            zero = block is ZERO_BLOCK or block == ZERO_BLOCK
+            if zero and idx not in d.digests and idx not in self._present(d):
                 continue
             todo.append((idx, block))
         self._put_all(d, todo)
         if len(d.partial) > PARTIAL_LIMIT:
-            with d.lock:
+            with d.lock:  # taken out here, so two writers never finish the same block
                 early = [i for i in sorted(d.partial) if i not in d.digests][: PARTIAL_LIMIT // 2]
-            self._finish(d, early)
+                parts = {i: d.partial.pop(i) for i in early}
+            self._finish(d, early, parts)
 
     def _put_all(self, d: DiskChain, todo: list[tuple[int, bytes | memoryview]]) -> None:
         if len(todo) <= 1:
@@ -328,16 +334,25 @@ class ChainWriter(ReplicaWriter):
         for f in [self.pool.submit(self._put, d, i, b) for i, b in todo]:
             f.result()
 
-    def _finish(self, d: DiskChain, indexes: list[int]) -> None:
+    def _finish(
+        self, d: DiskChain, indexes: list[int], parts: dict[int, _Partial] | None = None
+    ) -> None:
         """Read-modify-write of partial blocks from the head (they are not in the pending
-        snapshot: their base is the head's block)."""
+        snapshot: their base is the head's block). `parts`: blocks already taken out of the
+        buffer by the caller."""
 
         def one(idx: int) -> None:
-            with d.lock:
-                part = d.partial.get(idx)
+            if parts is not None:
+                part: _Partial | None = parts[idx]
+            else:
+                with d.lock:
+                    part = d.partial.get(idx)
             if part is None:
                 return
             self._put(d, idx, part.over(self._head_block(d, idx)))
+            if parts is None:  # sealing: no writer runs, the buffer is ours
+                with d.lock:
+                    d.partial.pop(idx, None)
 
         for f in [self.pool.submit(one, i) for i in indexes]:
             f.result()
