@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import resource
 import statistics
 import sys
 import time
@@ -56,8 +57,8 @@ def nonzero_blocks(raw: Path, size: int) -> list[int]:
 
 def peer_put(aws: AwsEnv, raw: Path, size: int, blocks: list[int]) -> dict[str, Any]:
     """The plain loop: start, put every block (16 in flight), complete, wait."""
-    client = aws.client("ebs")
-    start = time.perf_counter()
+    client = aws.client("ebs", pool=PUTTERS + 8)  # as standby's client: no connection churn
+    start, cpu = time.perf_counter(), time.process_time()
     snap = ebs.start(client, size, None, {"peer": "1"}, "peer loop")
     fd = os.open(raw, os.O_RDONLY)
     try:
@@ -71,9 +72,18 @@ def peer_put(aws: AwsEnv, raw: Path, size: int, blocks: list[int]) -> dict[str, 
         os.close(fd)
     ebs.complete(client, snap, digests)
     ebs.wait_completed(aws.client("ec2"), [snap], 600, 0.05)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     aws.client("ec2").delete_snapshot(SnapshotId=snap)
-    return {"seconds": round(seconds, 3), "blocks": len(blocks)}
+    return {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 2), "blocks": len(blocks)}
+
+
+def replicate(sb: bp.Standby) -> dict[str, Any]:
+    """`standby replicate` (a new process), with the CPU seconds it used."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    report = sb.replicate()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return report | {"cpu_seconds": round(cpu, 2)}
 
 
 def puts(aws: AwsEnv) -> int:
@@ -144,11 +154,19 @@ def incremental(
         for offset, length, fill in changes:
             os.pwrite(f.fileno(), bytes([fill]) * length, offset)
     before = puts(aws)
-    report = sb.replicate()
+    report = replicate(sb)
     changed = sum(n for _o, n, _f in changes)
+    blocks = {
+        i for o, n, _f in changes for i in range(o // EBS_BLOCK, (o + n - 1) // EBS_BLOCK + 1)
+    }
     shipped = (puts(aws) - before) * EBS_BLOCK
-    return report | {"changed_bytes": changed, "shipped_bytes": shipped,
-                     "shipped_over_changed": round(shipped / changed, 3)}  # fmt: skip
+    return report | {
+        "changed_bytes": changed,
+        "changed_ebs_block_bytes": len(blocks) * EBS_BLOCK,
+        "shipped_bytes": shipped,
+        "shipped_over_changed": round(shipped / changed, 3),
+        "shipped_over_changed_ebs_blocks": round(shipped / (len(blocks) * EBS_BLOCK), 3),
+    }
 
 
 def bench(work: Path, size: int, console: Console) -> dict[str, Any]:
@@ -166,7 +184,7 @@ def bench(work: Path, size: int, console: Console) -> dict[str, Any]:
                 sb("protect", bp.VM, "--from", "src", "--to", "aws", "--rpo", "1h",
                    "--retain", "3")  # fmt: skip
                 console.log(f"round {r + 1}: standby replicate (initial)")
-                initial.append(sb.replicate())
+                initial.append(replicate(sb))
                 console.log(f"round {r + 1}: the peer put loop")
                 peer_initial.append(peer_put(aws, raw, size, blocks))
                 if r < ROUNDS - 1:
@@ -202,8 +220,10 @@ def show(r: dict[str, Any], console: Console) -> None:
     for key in ("incremental_64k", "incremental_512k"):
         i = r[key]
         console.print(
-            f"{key}: cycle {i['seconds']} s, changed {i['changed_bytes']} B, shipped "
-            f"{i['shipped_bytes']} B -> {i['shipped_over_changed']}x"
+            f"{key}: cycle {i['seconds']} s, changed {i['changed_bytes']} B "
+            f"({i['changed_ebs_block_bytes']} B of EBS blocks), shipped {i['shipped_bytes']} B -> "
+            f"{i['shipped_over_changed']}x changed, {i['shipped_over_changed_ebs_blocks']}x the "
+            "changed EBS blocks"
         )
     console.print(f"points equal the source: {r['point_equals_source']}")
 

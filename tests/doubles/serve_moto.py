@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     app = Shim(DomainDispatcherApplication(create_backend_app), store, args.access_key)
     # cheroot, not werkzeug's development server: that one closes every connection, so each
     # call would pay a TLS handshake; AWS keeps connections alive.
-    server = wsgi.Server(("127.0.0.1", args.port), app, numthreads=24, request_queue_size=64)
+    server = wsgi.Server(("127.0.0.1", args.port), app, numthreads=32, request_queue_size=64)
+    server.keep_alive_conn_limit = 128  # cheroot's default (10) drops pooled connections
     cert, key = base / "tls" / "cert.pem", base / "tls" / "key.pem"
     if cert.exists():
         server.ssl_adapter = BuiltinSSLAdapter(str(cert), str(key))

@@ -34,9 +34,12 @@ class AwsEnv:
     image: str = ""
     instances: dict[str, str] = field(default_factory=dict)
 
-    def client(self, service: str, key: str = ACCESS_KEY) -> Any:
+    def client(self, service: str, key: str = ACCESS_KEY, pool: int = 10) -> Any:
+        from botocore.config import Config
+
         return boto3.client(
             service,
+            config=Config(max_pool_connections=pool),
             endpoint_url=self.moto.url,
             verify=str(self.moto.cert),
             region_name=REGION,
