@@ -7,6 +7,8 @@ checked against what the test itself wrote, never against the double's answer al
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -228,3 +230,50 @@ def test_wrong_keys_are_one_line_and_exit_4(lab: Lab, awsenv: AwsEnv) -> None:
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and "AWS refused the credentials (AuthFailure)" in err[0], err
     assert "standby-test-secret" not in r.stderr + r.stdout
+
+
+def test_server_stopped_mid_cycle(lab: Lab, awsenv: AwsEnv) -> None:
+    """The AWS endpoint stops answering part-way through a cycle (SIGSTOP) and comes back:
+    the calls time out and are retried, and the point, when it appears, is whole."""
+    env = lab
+    write_site(env.home, "aws", awsenv.site_toml(read_timeout=1, connect_timeout=1))
+    env.release()
+    env.write("aw1", "vda", 40 * MiB, 16 * MiB, 0x62)
+    before = latest_point(env, "aw1").id
+
+    def outage() -> None:
+        time.sleep(0.3)
+        awsenv.moto.pause()
+        time.sleep(2.5)
+        awsenv.moto.resume()
+
+    stop = threading.Thread(target=outage)
+    stop.start()
+    try:
+        try:
+            env.engine.replicate("aw1")
+        except TransientError:
+            env.engine.replicate("aw1")  # the next run resumes the cycle
+    finally:
+        stop.join()
+        awsenv.moto.resume()
+    assert latest_point(env, "aw1").id > before
+    assert_point_equals_source(env, awsenv, "aw1", {"vda": 64 * MiB, "vdb": 16 * MiB + 4096})
+    write_site(env.home, "aws", awsenv.site_toml())
+    env.release()
+
+
+def test_unplanned_failover_to_aws(lab: Lab, awsenv: AwsEnv) -> None:
+    env, life = lab, lab.lifecycle
+    env.create_vm("up1", [("vda", 16 * MiB, "qcow2")])
+    env.write("up1", "vda", 2 * MiB, MiB, 0x81)
+    env.engine.protect("up1", "src", "aws", Policy())
+    env.engine.replicate("up1")
+    env.write("up1", "vda", 6 * MiB, 65536, 0x82)  # after the last point: lost, and said so
+    fo = life.failover("up1", kind="unplanned")
+    assert fo.kind == "unplanned" and fo.data_loss_seconds is not None
+    (inst,) = awsenv.instances_named("up1")
+    vol = awsenv.volume(inst, "xvda")
+    assert awsenv.moto.image(MiB, 2 * MiB, volume=vol) == b"\x81" * MiB
+    assert awsenv.moto.image(65536, 6 * MiB, volume=vol) == bytes(65536)
+    life.commit("up1")

@@ -56,8 +56,15 @@ def test_aws_to_kvm_full_incremental_and_a_lost_snapshot(lab: Lab, awsenv: AwsEn
 
     aws.moto.write(aws.volume(inst, "xvda"), 10 * MiB + 4096, b"\x33" * 65536)
     aws.moto.write(aws.volume(inst, "sdf"), 700 * MiB, b"\x44" * 4096)
+    aws.moto.fault("CreateSnapshots", "RequestLimitExceeded", count=2, status=503)
+    aws.moto.fault("ListChangedBlocks", "ThrottlingException", count=1)
     inc = env.engine.replicate("ec2web")
     assert inc.kind == "incremental"
+    assert any(
+        "AWS source: calls retried with backoff: RequestLimitExceeded x2, ThrottlingException x1"
+        in n
+        for n in inc.notes
+    ), inc.notes
     assert inc.bytes_read == 2 * BLOCK, "list_changed_blocks: the two blocks written"
     assert inc.bytes_written == 3 * 65536, "the 64 KiB blocks the writes touched (2 + 1)"
     assert_kvm_replica_equals_volumes(env, aws, "ec2web", inst)

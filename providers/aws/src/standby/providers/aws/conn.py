@@ -62,6 +62,8 @@ class AwsOptions(SiteOptions):
     max_parallel_writes: int = Field(default=16, ge=1, le=64)
     max_parallel_reads: int = Field(default=16, ge=1, le=64)
     operation_timeout: int = Field(default=1800, ge=1)
+    connect_timeout: float = Field(default=10, gt=0)
+    read_timeout: float = Field(default=60, gt=0)
     poll_seconds: float = Field(default=2.0, gt=0)
 
     @field_validator("endpoint_url")
@@ -259,8 +261,8 @@ class AwsClients:
             retries={"mode": "standard", "max_attempts": 6},
             max_pool_connections=max(self.opts.max_parallel_writes, self.opts.max_parallel_reads)
             + 8,
-            connect_timeout=10,
-            read_timeout=60,
+            connect_timeout=self.opts.connect_timeout,
+            read_timeout=self.opts.read_timeout,
             tcp_keepalive=True,
         )
         return {"endpoint_url": self.opts.endpoint_url, "verify": self.verify, "config": cfg}
