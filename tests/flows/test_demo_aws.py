@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
-from pathlib import Path
+import tempfile
 
 from support.labenv import REPO
 
 
-def test_demo_aws_runs_end_to_end(tmp_path: Path) -> None:
-    env = {**os.environ, "STANDBY_DEMO_DIR": str(tmp_path)}
+def test_demo_aws_runs_end_to_end() -> None:
+    # a short directory: the embedded libvirt's sockets live under it (108-byte limit)
+    base = tempfile.mkdtemp(prefix="sbd", dir="/tmp")
+    env = {**os.environ, "STANDBY_DEMO_DIR": base}
     proc = subprocess.run(
         ["bash", "scripts/demo-aws.sh"], cwd=REPO, env=env, capture_output=True, text=True,
         timeout=600,
     )  # fmt: skip
+    shutil.rmtree(base, ignore_errors=True)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "incremental cycle: read 1048576 bytes (two 512 KiB EBS blocks)" in out
