@@ -15,6 +15,8 @@ from typing import Any
 import boto3
 from doubles.moto_proc import ACCESS_KEY, SECRET_KEY, Moto, start_moto
 
+from support.tomlfmt import value as _toml
+
 KEY_ID_ENV = "STANDBY_TEST_AWS_KEY_ID"
 SECRET_ENV = "STANDBY_TEST_AWS_SECRET"
 REGION = "us-east-1"
@@ -149,14 +151,6 @@ class AwsEnv:
     def write(self, instance: str, device: str, offset: int, length: int, byte: int) -> None:
         """A guest write into an instance's volume."""
         self.moto.write(self.volume(instance, device), offset, bytes([byte]) * length)
-
-
-def _toml(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return str(v)
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 @contextmanager

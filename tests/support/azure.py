@@ -15,6 +15,8 @@ from doubles.azure_arm import FakeArm
 from doubles.azurite_proc import Azurite, start_azurite
 from doubles.certs import make_cert
 
+from support.tomlfmt import value as _toml
+
 SUBSCRIPTION = "00000000-0000-0000-0000-0000000000aa"
 RESOURCE_GROUP = "standby-dr"
 KEY_ENV = "STANDBY_TEST_AZURE_KEY"
@@ -97,14 +99,6 @@ class AzureEnv:
         lines.append("[credential]")
         lines += [f"{k} = {_toml(v)}" for k, v in cred.items()]
         return "\n".join(lines) + "\n"
-
-
-def _toml(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 @contextmanager

@@ -3,7 +3,6 @@ Samba on a loopback port, and the site keys that reach both."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from doubles.winrm import WinRMDouble
 
 from standby.core.config import Site
 from standby.plugins.hyperv import vhdx
+from support.tomlfmt import value as _toml
 
 USER, PASSWORD = "HV\\standby", "Hv-p4ss!"
 
@@ -81,12 +81,6 @@ class HyperVLab:
             self.winrm.stop()
         finally:
             self.samba.stop()
-
-
-def _toml(value: object) -> str:
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
-    return json.dumps(value)
 
 
 def start_hyperv(work: Path, env_prefix: str = "STANDBY_TEST_HV") -> HyperVLab:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import threading
@@ -12,6 +11,7 @@ from pathlib import Path
 from doubles.vcsim_proc import Vcsim
 
 from standby.core.config import Site
+from support.tomlfmt import value as _toml
 
 PASSWORD_ENV = "STANDBY_TEST_VC_PASSWORD"
 
@@ -45,12 +45,6 @@ def write_vc_site(home: Path, sim: Vcsim, name: str = "vc", **extra: object) -> 
     (home / "sites" / f"{name}.toml").write_text(
         "".join(f"{k} = {_toml(v)}\n" for k, v in keys.items())
     )
-
-
-def _toml(value: object) -> str:
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
-    return json.dumps(value)
 
 
 def vmdk_files(sim: Vcsim, vm: str) -> dict[str, Path]:
