@@ -127,3 +127,39 @@ def assert_blob_equals_volume(env: Lab, aws: AwsEnv, vm: str, vol: str) -> None:
                 assert not any(data), f"blob holds data at {off} the volume does not"
     footer = blob.download_blob(offset=size, length=vhd.FOOTER).readall()
     assert vhd.parse_footer(footer).size == size
+
+
+def test_aws_to_kvm_and_failback_onto_the_original_instance(lab: Lab, awsenv: AwsEnv) -> None:
+    """EC2 -> KVM (planned), re-protect KVM -> AWS seeded from the stopped instance's volumes,
+    failback onto that same instance: new volumes at its devices, same id, started."""
+    env, aws, life = lab, awsenv, lab.lifecycle
+    inst = aws.make_instance("ec2rt", [1])
+    vol = aws.volume(inst, "xvda")
+    aws.moto.write(vol, 0, random.Random(23).randbytes(MiB))
+    env.engine.protect("ec2rt", "ec2", "dr", Policy(shutdown_timeout_seconds=1))
+    env.engine.replicate("ec2rt")
+    aws.moto.write(vol, 8 * MiB, b"\x71" * 65536)  # just before the planned failover
+    fo = life.failover("ec2rt", kind="planned")
+    assert fo.kind == "planned" and fo.data_loss_seconds == 0
+    state = aws.client("ec2").describe_instances(InstanceIds=[inst])
+    assert state["Reservations"][0]["Instances"][0]["State"]["Name"] == "stopped"
+    life.commit("ec2rt")
+    life.reprotect("ec2rt")
+    dr_vm = env.engine.source("dr").get_vm("ec2rt")
+    dev = dr_vm.disks[0].name
+    lab_mod.guest_write(env.dr, "ec2rt", dev, 20 * MiB, 65536, 0x72)  # the VM works at DR
+    back = env.engine.replicate("ec2rt")
+    assert back.bytes_written == 65536, "seeded from the instance's own volumes"
+    fb = life.failback("ec2rt")
+    assert fb.kind == "planned" and fb.data_loss_seconds == 0
+    got = aws.client("ec2").describe_instances(InstanceIds=[inst])["Reservations"][0]
+    (home,) = got["Instances"]
+    assert home["State"]["Name"] == "running", "the original instance runs again"
+    new_vol = next(b["Ebs"]["VolumeId"] for b in home["BlockDeviceMappings"]
+                   if b["DeviceName"] == "/dev/xvda")  # fmt: skip
+    assert new_vol != vol, "a new volume from the point, the old one kept detached"
+    assert aws.moto.image(65536, 20 * MiB, volume=new_vol) == b"\x72" * 65536
+    assert aws.moto.image(65536, 8 * MiB, volume=new_vol) == b"\x71" * 65536
+    old = aws.client("ec2").describe_volumes(VolumeIds=[vol])["Volumes"][0]
+    assert old["State"] == "available"
+    assert aws.instances_named("ec2rt") == [inst], "no second instance was launched"

@@ -11,12 +11,14 @@ from typing import Any
 from standby.core.model import DiskSpec, Firmware, NicSpec, VMSpec
 
 BUS_BY_PREFIX = {"vd": "virtio", "sd": "sata", "hd": "ide", "xvd": "xen"}
-_DEV = re.compile(r"^(vd|sd|hd|xvd)[a-z]{1,2}$")
+_DEV = re.compile(r"^(vd|sd|hd)[a-z]{1,2}$")
+"""Target devs a KVM guest can have as they are; Xen's `xvdX` (EC2's device names) cannot."""
 
 
 def guest_devs(names: list[str]) -> dict[str, str]:
     """The libvirt target dev for each disk, in order: a libvirt-style name (vda, sdb) is kept,
-    another platform's disk key (vSphere's `disk2000`, Azure's `os`) gets the next free vdX."""
+    another platform's disk key (vSphere's `disk2000`, Azure's `os`, EC2's `xvda`) gets the
+    next free vdX."""
     kept = {n for n in names if _DEV.match(n)}
     free = (f"vd{chr(ord('a') + i)}" for i in range(26))
     out = {}

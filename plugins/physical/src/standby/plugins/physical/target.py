@@ -457,7 +457,7 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
             f"console-{protection.id}.sock" if test else f"console-{protection.id}-{name}.sock"
         )
         console.unlink(missing_ok=True)
-        uuid = "" if test else f"<uuid>{vm.id}</uuid>"
+        uuid = "" if test else f"<uuid>{_domain_uuid(vm.id)}</uuid>"
         return (
             f"<domain type='{self.opts.domain_type}'><name>{name}</name>{uuid}"
             f"<memory unit='MiB'>{vm.memory_mib}</memory><vcpu>{vm.cpus}</vcpu>"
@@ -573,3 +573,14 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
         self._destroy(self.appliance_name(protection))
         self.cleanup_test(protection, {})
         shutil.rmtree(self.vm_dir(protection), ignore_errors=True)
+
+
+def _domain_uuid(vm_id: str) -> str:
+    """The VM's id when it is a UUID (it keeps its identity across sites), else a UUID made
+    from it (an EC2 instance id `i-...` is not one)."""
+    import uuid
+
+    try:
+        return str(uuid.UUID(vm_id))
+    except ValueError:
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"standby:vm:{vm_id}"))

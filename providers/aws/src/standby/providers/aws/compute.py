@@ -449,3 +449,188 @@ def new_key() -> str:
 
 
 __all__ = ["Failover", "InstanceType", "choose_type", "list_types", "tags_of", "validate"]
+
+
+TAG_ORIGINAL = "standby-original-of"
+"""On an EC2 instance a re-protect towards AWS was seeded from: the protection id, and the
+disk -> device map (`standby-original-disks`): a failback goes back onto this instance."""
+TAG_ORIGINAL_DISKS = "standby-original-disks"
+
+
+def original_instance(clients: AwsClients, protection: ProtectionInfo) -> dict[str, Any] | None:
+    """The instance a re-protect towards AWS was seeded from, if it is still there."""
+    for res in paged(
+        "describe instances",
+        clients.ec2.describe_instances,
+        "Reservations",
+        Filters=[{"Name": f"tag:{TAG_ORIGINAL}", "Values": [str(protection.id)]}],
+    ):
+        for inst in res.get("Instances", []):
+            if (inst.get("State") or {}).get("Name") not in ("terminated", "shutting-down"):
+                return dict(inst)
+    return None
+
+
+class Failback(Failover):
+    """A failover back onto the original instance: new volumes from the point replace its
+    volumes at the same devices (the old ones are kept, detached and tagged), then it starts.
+    The instance keeps its id, ENIs, addresses and settings."""
+
+    def _wait_volume(self, vol: str, state: str) -> None:
+        deadline = time.monotonic() + self.o.operation_timeout
+        while True:
+            got = call("describe volume", self.c.ec2.describe_volumes, VolumeIds=[vol])
+            if got["Volumes"][0].get("State") == state:
+                return
+            if time.monotonic() > deadline:
+                raise TransientError(f"volume {vol} not {state} after {self.o.operation_timeout}s")
+            time.sleep(self.o.poll_seconds)
+
+    def onto(self, point: PointInfo, inst: dict[str, Any]) -> FailoverResult:
+        ec2, inst_id = self.c.ec2, str(inst["InstanceId"])
+        state = (inst.get("State") or {}).get("Name")
+        if state != "stopped":
+            raise ConfigError(f"the original instance {inst_id} is {state}; it must be stopped")
+        devices = {
+            disk: f"/dev/{dev}"
+            for dev, disk in (
+                item.split("=", 1)
+                for item in tags_of(inst).get(TAG_ORIGINAL_DISKS, "").split(",")
+                if "=" in item
+            )
+        }
+        snaps: Mapping[str, str] = point.ref.get("snapshots", {})
+        missing = [d.name for d in self.p.vm.disks if d.name not in devices or d.name not in snaps]
+        if missing:
+            raise PluginError(f"the original instance {inst_id} has no device for {missing}")
+        old = {
+            str(b["DeviceName"]): str(b["Ebs"]["VolumeId"])
+            for b in inst.get("BlockDeviceMappings", [])
+            if "Ebs" in b
+        }
+        zone = str((inst.get("Placement") or {}).get("AvailabilityZone") or f"{self.o.region}a")
+        self.step(f"making {len(devices)} volume(s) from recovery point {point.id} in {zone}")
+        made: dict[str, str] = {}
+        for d in self.p.vm.disks:
+            vol = call(
+                "create volume",
+                ec2.create_volume,
+                SnapshotId=snaps[d.name],
+                AvailabilityZone=zone,
+                VolumeType="gp3",
+                Size=ebs.gib(d.size),
+                TagSpecifications=[
+                    {"ResourceType": "volume", "Tags": self._tag_list({TAG_KIND: "failback"})}
+                ],
+            )["VolumeId"]
+            made[devices[d.name]] = str(vol)
+        for vol in made.values():
+            self._wait_volume(vol, "available")
+        self.step(f"swapping the volumes of {inst_id} (its old volumes are kept, detached)")
+        for dev, vol in made.items():
+            if dev in old:
+                call("detach volume", ec2.detach_volume, VolumeId=old[dev], InstanceId=inst_id)
+                self._wait_volume(old[dev], "available")
+                call(
+                    "tag replaced volume",
+                    ec2.create_tags,
+                    Resources=[old[dev]],
+                    Tags=[{"Key": "standby-replaced-by-failover", "Value": self.key}],
+                )
+            call("attach volume", ec2.attach_volume, VolumeId=vol, InstanceId=inst_id, Device=dev)
+            self._wait_volume(vol, "in-use")
+        self.step(f"starting the original instance {inst_id}")
+        call("start instance", ec2.start_instances, InstanceIds=[inst_id])
+        self._wait_running(inst_id)
+        call(
+            "untag instance",
+            ec2.delete_tags,
+            Resources=[inst_id],
+            Tags=[{"Key": TAG_ORIGINAL}, {"Key": TAG_ORIGINAL_DISKS}],
+        )
+        name = tags_of(inst).get("Name") or inst_id
+        return FailoverResult(
+            ref={
+                "failover_id": self.key,
+                "instance_id": inst_id,
+                "original": True,
+                "volumes": made,
+                "replaced": [old[d] for d in made if d in old],
+            },
+            vm_name=name,
+            summary=f"the original instance {inst_id} ({name}) running on volumes from point "
+            f"{point.id}; its former volumes are kept, detached",
+        )
+
+
+def seed_from_original(
+    clients: AwsClients, protection: ProtectionInfo, original: VMSpec, step: Callable[[str], None]
+) -> dict[str, Any] | None:
+    """Snapshots of the original (stopped) instance's volumes as the new replica's base; the
+    instance is tagged so a failback goes back onto it."""
+    inst = None
+    if original.id.startswith("i-"):
+        got = call(
+            "describe instance",
+            clients.ec2.describe_instances,
+            Filters=[{"Name": "instance-id", "Values": [original.id]}],
+        )["Reservations"]
+        inst = next(
+            (i for r in got for i in r["Instances"] if i["State"]["Name"] != "terminated"), None
+        )
+    if inst is None:
+        return None
+    state = inst["State"]["Name"]
+    if state != "stopped":
+        raise ConfigError(
+            f"the original instance {original.id} is {state}; stop it before re-protecting "
+            "towards it"
+        )
+    vols = [
+        (str(b["DeviceName"]), str(b["Ebs"]["VolumeId"]))
+        for b in inst.get("BlockDeviceMappings", [])
+        if "Ebs" in b
+    ]
+    by_name = {short_device(dev): (dev, vol) for dev, vol in vols}
+    wanted = protection.vm.disks
+    if all(d.name in by_name for d in wanted):
+        chosen = [(d, *by_name[d.name]) for d in wanted]
+    elif len(vols) == len(wanted):
+        roots = ("/dev/xvda", "/dev/sda1", "/dev/sda", "/dev/nvme0n1")
+        ordered = sorted(vols, key=lambda dv: (dv[0] not in roots, dv[0]))
+        chosen = [(d, dev, vol) for d, (dev, vol) in zip(wanted, ordered, strict=True)]
+    else:
+        return None
+    step(f"snapshotting the original instance {original.id}'s volumes as the seed")
+    tags = {TAG_PROTECTION: str(protection.id), "standby-cycle": "seed"}
+    got = call(
+        "snapshot original volumes",
+        clients.ec2.create_snapshots,
+        InstanceSpecification={"InstanceId": original.id, "ExcludeBootVolume": False},
+        Description=f"standby seed of {protection.vm.name}",
+    )
+    by_volume = {str(s["VolumeId"]): str(s["SnapshotId"]) for s in got.get("Snapshots", [])}
+    snaps = {d.name: by_volume[vol] for d, _dev, vol in chosen}
+    for d, _dev, _vol in chosen:
+        call(
+            "tag seed snapshot",
+            clients.ec2.create_tags,
+            Resources=[snaps[d.name]],
+            Tags=[{"Key": k, "Value": v} for k, v in {**tags, "standby-disk": d.name}.items()],
+        )
+    for extra in set(by_volume.values()) - set(snaps.values()):
+        call("delete snapshot", clients.ec2.delete_snapshot, SnapshotId=extra)
+    ebs.wait_completed(
+        clients.ec2, snaps.values(), clients.opts.operation_timeout, clients.opts.poll_seconds
+    )
+    disks_tag = ",".join(f"{short_device(dev)}={d.name}" for d, dev, _v in chosen)
+    call(
+        "tag the original instance",
+        clients.ec2.create_tags,
+        Resources=[original.id],
+        Tags=[
+            {"Key": TAG_ORIGINAL, "Value": str(protection.id)},
+            {"Key": TAG_ORIGINAL_DISKS, "Value": disks_tag},
+        ],
+    )
+    return {"snapshots": snaps, "sizes": {d.name: d.size for d, _dv, _v in chosen}}

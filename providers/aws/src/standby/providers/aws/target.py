@@ -133,6 +133,11 @@ class AwsTarget(AwsPlugin, Target):
         chosen = size or self.opts.instance_type or self.validate(protection.vm).size
         if not chosen:
             raise PluginError(f"no EC2 instance type fits VM '{protection.vm.name}'")
+        if not test:
+            original = compute.original_instance(self.clients, protection)
+            if original is not None:  # a failback: onto the instance the replica was seeded from
+                back = compute.Failback(self.clients, protection, key, self.step)
+                return back.onto(point, original)
         fo = compute.Failover(self.clients, protection, key, self.step)
         try:
             return fo.run(point, test, network, chosen)
@@ -148,9 +153,13 @@ class AwsTarget(AwsPlugin, Target):
         compute.Failover(self.clients, protection, str(key), self.step).cleanup()
 
     def seed(self, protection: ProtectionInfo, original: VMSpec) -> dict[str, Any] | None:
-        """Re-protect towards AWS after a failback: the failed-over instance must be stopped
-        (failback brought its data home); it is removed, and the new replica is copied in
-        full (EBS snapshots of the old chain are independent of it and were pruned)."""
+        """Re-protect towards AWS.
+
+        After a failover away from AWS (the VM was an EC2 instance): snapshots of the original
+        instance's volumes (it must be stopped) seed the new replica, and a failback goes back
+        onto that instance. After a failback from AWS (the VM came from elsewhere): the
+        failed-over instance must be stopped; it is removed, and the replica is copied in full
+        (its old chain was pruned; EBS cannot seed a chain from a volume without reading it)."""
         for inst in compute.failover_instances(self.clients, protection):
             state = (inst.get("State") or {}).get("Name")
             if state not in ("stopped",):
@@ -162,7 +171,7 @@ class AwsTarget(AwsPlugin, Target):
             key = str(compute.tags_of(inst).get(compute.TAG_FAILOVER))
             self.step(f"removing the failed-over instance {inst['InstanceId']}")
             compute.Failover(self.clients, protection, key, self.step).cleanup()
-        return None
+        return compute.seed_from_original(self.clients, protection, original, self.step)
 
     def estimate_cost(self, usage: list[Usage]) -> CostEstimate:
         return cost.estimate(usage, self.prices)
