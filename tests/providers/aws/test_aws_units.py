@@ -184,3 +184,16 @@ def test_many_partial_blocks_each_put_once(target: AwsTarget, awsenv: AwsEnv) ->
         want[off : off + len(data)] = data
     assert raw.read_bytes() == bytes(want)
     target.remove(p, [point])
+
+
+def test_an_ec2_source_keeps_its_type_where_the_region_offers_it() -> None:
+    src = VMSpec(id="i-1", name="web", cpus=2, memory_mib=1024, extra={"aws_instance_type":
+                 "t3.micro"}, disks=(DiskSpec("xvda", GiB, boot=True),))  # fmt: skip
+    problems, size, notes = compute.validate(src, TYPES, None, PRICES.get)
+    assert not problems and size == "t3.micro", "not the cheaper t3a.micro: the source's own"
+    assert "instance type t3.micro: the source instance's own" in notes
+    gone = VMSpec(id="i-2", name="db", cpus=2, memory_mib=1024, extra={"aws_instance_type":
+                  "x2gd.large"}, disks=(DiskSpec("xvda", GiB, boot=True),))  # fmt: skip
+    problems, size, notes = compute.validate(gone, TYPES, None, PRICES.get)
+    assert not problems and size == "t3a.micro"
+    assert any("x2gd.large is not offered here" in n for n in notes)

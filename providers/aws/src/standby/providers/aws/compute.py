@@ -120,6 +120,14 @@ def validate(
             )
     if len(vm.disks) > MAX_DISKS:
         problems.append(f"{len(vm.disks)} disks; standby attaches at most {MAX_DISKS} volumes")
+    same = vm.extra.get("aws_instance_type")
+    if not wanted and same:  # an EC2 instance from another region or account: its own type
+        match = next((t for t in types if t.name == same), None)
+        if match is not None and not choose_type(vm, [match], None, price)[1]:
+            wanted = same
+            notes.append(f"instance type {same}: the source instance's own")
+        else:
+            notes.append(f"the source's instance type {same} is not offered here; choosing by size")
     chosen, type_problems = choose_type(vm, types, wanted, price)
     problems.extend(type_problems)
     if chosen is not None:
