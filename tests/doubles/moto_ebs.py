@@ -444,12 +444,18 @@ class Shim:
     ) -> list[bytes]:
         snap = self._completed(snap_id)
         page, nxt = _page(sorted(snap.blocks), q)
+        blocks = [{"BlockIndex": i, "BlockToken": token_for(snap_id, i, snap.blocks[i])}
+                  for i in page]  # fmt: skip
+        return self._listing(start, "Blocks", blocks, snap.volume_size, nxt)
+
+    def _listing(
+        self, start: StartResponse, key: str, items: list[Any], volume_size: int, nxt: str
+    ) -> list[bytes]:
+        """A page of a block listing, as both list operations answer."""
         doc: dict[str, Any] = {
-            "Blocks": [
-                {"BlockIndex": i, "BlockToken": token_for(snap_id, i, snap.blocks[i])} for i in page
-            ],
+            key: items,
             "ExpiryTime": time.time() + 3600,
-            "VolumeSize": snap.volume_size,
+            "VolumeSize": volume_size,
             "BlockSize": BLOCK,
         }
         if nxt:
@@ -482,15 +488,7 @@ class Shim:
             if i in second.blocks:
                 item["SecondBlockToken"] = token_for(second_id, i, second.blocks[i])
             out.append(item)
-        doc: dict[str, Any] = {
-            "ChangedBlocks": out,
-            "ExpiryTime": time.time() + 3600,
-            "VolumeSize": second.volume_size,
-            "BlockSize": BLOCK,
-        }
-        if nxt:
-            doc["NextToken"] = nxt
-        return self._json(start, 200, doc)
+        return self._listing(start, "ChangedBlocks", out, second.volume_size, nxt)
 
     def _op_GetSnapshotBlock(
         self,

@@ -18,7 +18,7 @@ from doubles.certs import make_cert
 from doubles.procs import stop_pid
 
 SERVE = Path(__file__).with_name("serve_moto.py")
-ACCESS_KEY = "AKIASTANDBYTEST00001"
+ACCESS_KEY = "standby-test-key-id"
 SECRET_KEY = "standby-test-secret-for-the-aws-double"
 """The double's keys: refused keys are any others (it checks the key id only)."""
 

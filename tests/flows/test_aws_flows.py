@@ -225,7 +225,7 @@ def test_service_failing_mid_cycle_resumes(lab: Lab, awsenv: AwsEnv) -> None:
 
 def test_wrong_keys_are_one_line_and_exit_4(lab: Lab, awsenv: AwsEnv) -> None:
     env = lab
-    r = env.cli("sites", "check", "aws", env={"STANDBY_TEST_AWS_KEY_ID": "AKIAWRONGWRONGWRONG"})
+    r = env.cli("sites", "check", "aws", env={"STANDBY_TEST_AWS_KEY_ID": "wrong-key-id"})
     assert r.returncode == 4, (r.returncode, r.stdout, r.stderr)
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and "AWS refused the credentials (AuthFailure)" in err[0], err

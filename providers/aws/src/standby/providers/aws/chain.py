@@ -148,11 +148,21 @@ class Snapshots:
             with suppress(NotFound):
                 call(f"delete snapshot {snap_id}", self.c.ec2.delete_snapshot, SnapshotId=snap_id)
 
-    def of_point(self, point_id: int) -> dict[str, str]:
-        """Disk -> snapshot of a committed point (empty when it was never committed)."""
+    @staticmethod
+    def of_cycle(cycle_id: int, listing: list[dict[str, Any]]) -> list[str]:
+        """Snapshots of a cycle in `listing` that no point holds (sealed or not)."""
+        return [
+            str(s["SnapshotId"])
+            for s in listing
+            if tags_of(s).get(TAG_CYCLE) == str(cycle_id)
+            and not any(k.startswith(POINT_PREFIX) for k in tags_of(s))
+        ]
+
+    def of_point(self, point_id: int, listing: list[dict[str, Any]]) -> dict[str, str]:
+        """Disk -> snapshot of a committed point in `listing` (empty when never committed)."""
         key = point_tag(point_id)
         out = {}
-        for s in self.all():
+        for s in listing:
             tags = tags_of(s)
             if key in tags and s.get("State") == "completed":
                 out[tags.get(TAG_DISK, "")] = str(s["SnapshotId"])
@@ -443,7 +453,8 @@ class ChainWriter(ReplicaWriter):
 
     def commit_point(self, point_id: int, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Tag the heads as point `point_id`, delete the cycle's intermediate snapshots."""
-        done = self.snaps.of_point(point_id)
+        listing = self.snaps.all()
+        done = self.snaps.of_point(point_id, listing)
         if set(done) >= set(self.disks):
             heads = {k: done[k] for k in self.disks}
         else:
@@ -455,17 +466,8 @@ class ChainWriter(ReplicaWriter):
                 Tags=[{"Key": point_tag(point_id), "Value": str(self.cycle_id)}],
             )
         keep = set(heads.values()) | set(self.base.values())
-        drop = []
-        for s in self.snaps.all():
-            tags = tags_of(s)
-            sid = str(s["SnapshotId"])
-            if (
-                tags.get(TAG_CYCLE) == str(self.cycle_id)
-                and sid not in keep
-                and not any(k.startswith(POINT_PREFIX) for k in tags)
-            ):
-                drop.append(sid)
-        self.snaps.delete(drop)
+        # `listing` predates the seal: what sealing made are heads, which are kept anyway
+        self.snaps.delete([s for s in self.snaps.of_cycle(self.cycle_id, listing) if s not in keep])
         return {
             "point": point_id,
             "snapshots": heads,
@@ -476,13 +478,7 @@ class ChainWriter(ReplicaWriter):
 def discard(clients: AwsClients, protection: ProtectionInfo, cycle_id: int) -> None:
     """Delete what an abandoned cycle wrote (snapshots of it that no point holds)."""
     snaps = Snapshots(clients, protection)
-    drop = [
-        str(s["SnapshotId"])
-        for s in snaps.all()
-        if tags_of(s).get(TAG_CYCLE) == str(cycle_id)
-        and not any(k.startswith(POINT_PREFIX) for k in tags_of(s))
-    ]
-    snaps.delete(drop)
+    snaps.delete(snaps.of_cycle(cycle_id, snaps.all()))
 
 
 def prune(

@@ -456,9 +456,6 @@ def new_key() -> str:
     return uuid.uuid4().hex[:8]
 
 
-__all__ = ["Failover", "InstanceType", "choose_type", "list_types", "tags_of", "validate"]
-
-
 TAG_ORIGINAL = "standby-original-of"
 """On an EC2 instance a re-protect towards AWS was seeded from: the protection id, and the
 disk -> device map (`standby-original-disks`): a failback goes back onto this instance."""

@@ -331,7 +331,7 @@ class AwsPlugin:
             self.clients.close()
             del self.__dict__["clients"]
 
-    def whoami(self) -> str:
+    def check_credentials(self) -> str:
         """The account the credentials belong to (an AuthError when they are refused)."""
         ec2 = self.clients.ec2
         call("check AWS credentials", ec2.describe_regions, RegionNames=[self.opts.region])

@@ -81,7 +81,7 @@ class AwsSource(AwsPlugin, Source):
 
     def check(self) -> list[str]:
         self.connect()
-        self.whoami()
+        self.check_credentials()
         return [f"{len(self._instances())} instance(s) in {self.opts.region}"]
 
     @cached_property
@@ -144,7 +144,7 @@ class AwsSource(AwsPlugin, Source):
 
     def _find(self, key: str) -> dict[str, Any]:
         if key.startswith("i-"):
-            with suppress(NotFound, StandbyError):
+            with suppress(NotFound):
                 got = self._instances([key])
                 if got:
                     return got[0]
@@ -269,11 +269,11 @@ class AwsSource(AwsPlugin, Source):
             CopyTagsFromSource="volume",
         )
         by_volume = {str(s["VolumeId"]): str(s["SnapshotId"]) for s in got.get("Snapshots", [])}
-        for snap_id in by_volume.values():  # moto does not apply TagSpecifications here
+        if by_volume:  # also tagged here: moto does not apply TagSpecifications to them
             call(
-                "tag snapshot",
+                "tag snapshots",
                 ec2.create_tags,
-                Resources=[snap_id],
+                Resources=sorted(by_volume.values()),
                 Tags=[{"Key": TAG_SOURCE, "Value": vm.id}],
             )
         cycle = _Cycle()

@@ -21,7 +21,7 @@ from standby.core.model import (
     VMSpec,
 )
 from standby.providers.aws import chain, compute, cost, ebs
-from standby.providers.aws.conn import AwsPlugin
+from standby.providers.aws.conn import AwsPlugin, tags_of
 
 
 class AwsTarget(AwsPlugin, Target):
@@ -40,7 +40,7 @@ class AwsTarget(AwsPlugin, Target):
 
     def check(self) -> list[str]:
         self.connect()
-        self.whoami()
+        self.check_credentials()
         types = compute.list_types(self.clients)
         return [
             f"AWS {self.opts.region} at {self.opts.endpoint_url or 'the public endpoints'}",
@@ -79,7 +79,7 @@ class AwsTarget(AwsPlugin, Target):
 
     def prepare(self, protection: ProtectionInfo) -> None:
         """Nothing to make ahead: the first cycle starts each disk's chain."""
-        self.whoami()
+        self.check_credentials()
 
     @contextmanager
     def open_writer(
@@ -168,7 +168,7 @@ class AwsTarget(AwsPlugin, Target):
                     "stop it) before re-protecting to AWS"
                 )
         for inst in compute.failover_instances(self.clients, protection):
-            key = str(compute.tags_of(inst).get(compute.TAG_FAILOVER))
+            key = str(tags_of(inst).get(compute.TAG_FAILOVER))
             self.step(f"removing the failed-over instance {inst['InstanceId']}")
             compute.Failover(self.clients, protection, key, self.step).cleanup()
         return compute.seed_from_original(self.clients, protection, original, self.step)
