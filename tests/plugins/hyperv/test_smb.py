@@ -10,7 +10,7 @@ import pytest
 from doubles.samba import Samba, start_samba
 
 from standby.core.errors import AuthError, NotFound
-from standby.plugins.hyperv.smb import SmbFile
+from standby.plugins.hyperv.smb import TREES, SmbFile
 from standby.plugins.hyperv.vhdx import VhdxReader
 
 MiB = 1 << 20
@@ -55,3 +55,30 @@ def test_smb_errors_are_one_line(samba: Samba) -> None:
         SmbFile("127.0.0.1", samba.share, "x.vhdx", "root", "wrong", port=samba.port)
     with pytest.raises(NotFound, match=r"nope\.vhdx not found"):
         SmbFile("127.0.0.1", samba.share, "nope.vhdx", samba.user, samba.password, port=samba.port)
+
+
+def test_a_closed_file_lends_its_login_to_the_next_and_a_dead_one_is_replaced(
+    samba: Samba,
+) -> None:
+    (samba.path / "t.bin").write_bytes(b"\x5a" * 4096)
+    args = ("127.0.0.1", samba.share, "t.bin", samba.user, samba.password)
+    TREES.drain()
+    first = SmbFile(*args, port=samba.port)
+    conn = first.conn
+    first.close()
+    second = SmbFile(*args, port=samba.port)
+    assert second.conn is conn, "the idle tree was not reused"
+    assert second.pread(16, 0) == b"\x5a" * 16
+    second.close()
+    conn.disconnect(True)  # the server dropped it while idle
+    third = SmbFile(*args, port=samba.port)
+    try:
+        assert third.conn is not conn and third.pread(16, 4080) == b"\x5a" * 16
+    finally:
+        third.close()
+    try:
+        with pytest.raises(NotFound, match=r"gone\.bin not found"):  # on a lent tree
+            SmbFile("127.0.0.1", samba.share, "gone.bin", samba.user, samba.password,
+                    port=samba.port)  # fmt: skip
+    finally:
+        TREES.drain()

@@ -38,23 +38,37 @@ class SmbFile:
 
         self.where = f"\\\\{host}\\{share}\\{path}"
         self._lock = threading.Lock()
-        self.conn: Any = Connection(uuid.uuid4(), host, port)
-        try:
-            self.conn.connect(timeout=30)
-            session = Session(self.conn, user, password, require_encryption=True)
-            session.connect()
-            tree = TreeConnect(session, f"\\\\{host}\\{share}")
-            tree.connect()
-            self.file = self._open(tree, path, write, create)
-        except LogonFailure:
-            self.close()
-            raise AuthError(f"SMB {host}: login failed for user '{user}'") from None
-        except ObjectNameNotFound:
-            self.close()
-            raise NotFound(f"{self.where} not found") from None
-        except (SMBException, OSError, ValueError) as exc:
-            self.close()
-            raise TransientError(f"{self.where}: {exc}") from exc
+        self._key: TreeKey = (host, port, share, user, password)
+        tree = TREES.take(self._key)
+        if tree is not None:
+            try:
+                self.file = self._open(tree, path, write, create)
+                self.conn: Any = tree.session.connection
+            except ObjectNameNotFound:
+                TREES.give(self._key, tree)
+                raise NotFound(f"{self.where} not found") from None
+            except (SMBException, OSError, ValueError):
+                _disconnect(tree)  # gone while idle: a fresh connection below
+                tree = None
+        if tree is None:
+            self.conn = Connection(uuid.uuid4(), host, port)
+            try:
+                self.conn.connect(timeout=30)
+                session = Session(self.conn, user, password, require_encryption=True)
+                session.connect()
+                tree = TreeConnect(session, f"\\\\{host}\\{share}")
+                tree.connect()
+                self.file = self._open(tree, path, write, create)
+            except LogonFailure:
+                self.close()
+                raise AuthError(f"SMB {host}: login failed for user '{user}'") from None
+            except ObjectNameNotFound:
+                self.close()
+                raise NotFound(f"{self.where} not found") from None
+            except (SMBException, OSError, ValueError) as exc:
+                self.close()
+                raise TransientError(f"{self.where}: {exc}") from exc
+        self._tree: Any = tree
         # One MiB a request: 16 credits, which every server grants a fresh session.
         self.max_read = min(int(self.conn.max_read_size), 1 << 20)
         self.max_write = min(int(self.conn.max_write_size), 1 << 20)
@@ -180,10 +194,70 @@ class SmbFile:
             raise TransientError(f"{self.where}: flush failed: {exc}") from exc
 
     def close(self) -> None:
+        """Close the file; its authenticated tree goes back to `TREES` for the next file."""
+        tree, self._tree = getattr(self, "_tree", None), None
+        f = getattr(self, "file", None)
+        if tree is not None and f is not None:
+            try:
+                f.close()
+            except Exception:  # the connection is gone: nothing to keep
+                _disconnect(tree)
+            else:
+                TREES.give(self._key, tree)
+            return
         try:
             self.conn.disconnect(True)
         except Exception:  # closing a connection that never opened, or is gone
             pass
+
+
+TreeKey = tuple[str, int, str, str, str]
+"""(host, port, share, user, password): whose trees can be lent to a file."""
+
+
+def _disconnect(tree: Any) -> None:
+    try:
+        tree.session.connection.disconnect(True)
+    except Exception:  # already gone
+        pass
+
+
+class TreeCache:
+    """Authenticated SMB trees (connection, encrypted session, tree connect) kept between
+    files, so that a cycle's files open with one CREATE instead of a TCP connect, negotiate,
+    NTLM login and tree connect each; `drain` closes a host's idle ones."""
+
+    KEEP = 16
+    """Idle trees kept per share and login."""
+
+    def __init__(self) -> None:
+        self._idle: dict[TreeKey, list[Any]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: TreeKey) -> Any | None:
+        with self._lock:
+            idle = self._idle.get(key)
+            return idle.pop() if idle else None
+
+    def give(self, key: TreeKey, tree: Any) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < self.KEEP:
+                idle.append(tree)
+                return
+        _disconnect(tree)
+
+    def drain(self, host: str | None = None) -> None:
+        """Close the idle trees of `host` (of every host when None)."""
+        with self._lock:
+            keys = [k for k in self._idle if host is None or k[0] == host]
+            trees = [t for k in keys for t in self._idle.pop(k)]
+        for tree in trees:
+            _disconnect(tree)
+
+
+TREES = TreeCache()
+"""The process's idle SMB trees (the service keeps them between cycles)."""
 
 
 def check_path(path: str) -> str:

@@ -26,7 +26,7 @@ from standby.core.errors import PluginError, StandbyError
 from standby.core.interfaces import Buffer, Snapshot, Source, SourceCapabilities
 from standby.core.model import Consistency, Extent, VMSpec
 
-from . import files, inventory, scripts
+from . import files, inventory, scripts, smb
 from .conn import HyperVOptions, PowerShell, as_list
 from .vhdx import VhdxReader
 
@@ -83,6 +83,7 @@ class HyperVSource(Source):
 
     def close(self) -> None:
         self.ps.close()
+        smb.TREES.drain(self.opts.smb_host or self.opts.host)
 
     def check(self) -> list[str]:
         vms = self.list_vms()

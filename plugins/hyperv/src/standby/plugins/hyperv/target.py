@@ -45,7 +45,7 @@ from standby.core.model import (
     VMSpec,
 )
 
-from . import files, replica, scripts, vhdx
+from . import files, replica, scripts, smb, vhdx
 from .conn import HyperVOptions, PowerShell, as_list
 from .inventory import MAX_VHDX
 from .smb import SmbPool, SmbShare
@@ -178,6 +178,7 @@ class HyperVTarget(Target):
 
     def close(self) -> None:
         self.ps.close()
+        smb.TREES.drain(self.opts.smb_host or self.opts.host)
         if self._share is not None:
             self._share.close()
             self._share = None
