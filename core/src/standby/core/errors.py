@@ -55,6 +55,13 @@ class Busy(StandbyError):
     exit_code = 8
 
 
+class IntegrityError(StandbyError):
+    """Stored data failed its authentication (a tampered or corrupt vault record or chunk):
+    the message names the record; nothing built on it is used."""
+
+    exit_code = 9
+
+
 class Interrupted(StandbyError):
     """Work was stopped on request (Ctrl-C, the end of `--watch`); the next run resumes it."""
 
@@ -72,6 +79,7 @@ EXIT_CODES: dict[str, int] = {
         PluginError,
         TransientError,
         Busy,
+        IntegrityError,
         Interrupted,
     )
 }

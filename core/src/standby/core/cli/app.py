@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok; 1 other standby error; 2 bad configuration or input; 3 not found;
 4 authentication; 5 not supported / cannot be protected; 6 plugin failure; 7 transient
-(retry); 8 busy (another standby process holds the VM or site); 130 interrupted.
+(retry); 8 busy (another standby process holds the VM or site); 9 integrity (a vault
+record or chunk failed its authentication); 130 interrupted.
 
 Command modules import the engine, the lifecycle and rich inside their commands, so a
 command loads only what it uses.
@@ -18,7 +19,7 @@ import typer
 
 from standby.core.errors import StandbyError
 
-from . import common, cost, failover, info, plans, protect, replicate, sites
+from . import common, cost, failover, info, plans, protect, replicate, sites, vault
 
 app = typer.Typer(
     help="standby: replicate VMs to a DR site, keep recovery points, fail over.",
@@ -41,7 +42,7 @@ def _main(
     common.set_home(home_dir)
 
 
-for _module in (sites, protect, replicate, info, failover, cost, plans):
+for _module in (sites, protect, replicate, info, failover, cost, plans, vault):
     _module.register(app)
 
 
