@@ -251,3 +251,23 @@ def restore_disk(
     vault = Vault.opened(name, home(), _ask)
     pid, size = restore_disk_file(vault, vm, disk, point, out_file, fmt)
     out.print(f"{vm} {disk} of point {pid} ({size} bytes) written to {out_file} ({fmt})")
+
+
+@app.command("sweep")
+def sweep(name: str, as_json: JsonOpt = False) -> None:
+    """Free the chunks no point uses (retention does it too); waits for no writer."""
+    from standby.core.vault.gc import sweep as run_sweep
+    from standby.core.vault.gc import vault_lock
+    from standby.core.vault.vault import Vault
+
+    vault = Vault.opened(name, home(), _ask)
+    with vault_lock(name, shared=False, base=home()):
+        rep = run_sweep(vault)
+    data = {"vault": name, "packs_deleted": rep.packs_deleted,
+            "packs_rewritten": rep.packs_rewritten, "chunks_freed": rep.chunks_freed,
+            "bytes_freed": rep.bytes_freed}  # fmt: skip
+    if as_json:
+        emit(data)
+    else:
+        out.print(f"vault '{name}': {rep.chunks_freed} chunks freed ({rep.bytes_freed} B), "
+                  f"{rep.packs_deleted} packs deleted, {rep.packs_rewritten} copied")  # fmt: skip

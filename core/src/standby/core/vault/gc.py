@@ -82,11 +82,12 @@ def sweep(vault: Vault) -> SweepReport:
     """Delete what no point uses (call under the exclusive `vault_lock`)."""
     vault.load_index(force=True)
     live = live_chunks(vault)
-    by_pack: dict[str, list[tuple[bytes, Located]]] = defaultdict(list)
-    for cid, at in vault.index.items():
-        by_pack[at.pack].append((cid, at))
     tables = set(vault.record_ids("index"))
     rep = SweepReport()
+    for name in retried(vault.store.list)("packs/"):  # packs whose table never got written
+        if name.rsplit("/", 1)[-1] not in tables:
+            retried(vault.store.delete)(name)
+            rep.packs_deleted += 1
     for pack in sorted(tables):
         table = vault.pack_table(pack)
         dead = [(c, a) for c, a in table.items() if c not in live or vault.index.get(c) != a]
@@ -110,10 +111,6 @@ def sweep(vault: Vault) -> SweepReport:
             rep.packs_deleted += 1
         vault.delete_record("index", pack)
         retried(vault.store.delete)(pack_name(pack))
-    for name in retried(vault.store.list)("packs/"):  # packs whose table never got written
-        if name.rsplit("/", 1)[-1] not in tables and name.rsplit("/", 1)[-1] not in by_pack:
-            retried(vault.store.delete)(name)
-            rep.packs_deleted += 1
     vault.load_index(force=True)
     return rep
 

@@ -9,6 +9,7 @@ vault retries those.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from abc import ABC, abstractmethod
@@ -86,7 +87,8 @@ class LocalStore(Store):
             finally:
                 os.close(dfd)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             raise TransientError(f"vault store {self.url}: cannot write {name}: {exc}") from exc
 
     def get(self, name: str) -> bytes:
