@@ -14,7 +14,7 @@ APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system 
 # reaped; this machine's init reaps every ~2 s (systemd at once). `tini -s` reaps them at once.
 REAP := tini -s --
 
-.PHONY: setup demo demo-azure demo-plan demo-vmware demo-hyperv demo-aws test lint bench bench-azure bench-rpo bench-rto bench-vmware bench-hyperv bench-aws clean
+.PHONY: setup demo demo-azure demo-plan demo-vmware demo-hyperv demo-aws demo-vault test lint bench bench-azure bench-rpo bench-rto bench-vmware bench-hyperv bench-aws clean
 
 setup:
 	@bash scripts/setup.sh $(APT_PACKAGES)
@@ -36,6 +36,9 @@ demo-hyperv: setup
 
 demo-aws: setup
 	@$(REAP) bash scripts/demo-aws.sh
+
+demo-vault: setup
+	@$(REAP) bash scripts/demo-vault.sh
 
 lint: setup
 	uv run ruff check .

@@ -186,8 +186,8 @@ class VaultTarget(Target):
         max_disk_size=MAX_DISK,
         max_write=4 << 20,
         max_parallel_writes=4,
-        write_proof="chunks named by a keyed BLAKE3 of the bytes received, sealed with "
-        "AES-256-GCM, packs stored whole",
+        write_proof="checked by the vault (each chunk named by a keyed BLAKE3 of the bytes "
+        "received and sealed with AES-256-GCM; packs stored whole)",
     )
     run_on_override: ClassVar[str | None] = None
     """Set by `standby vault failover --to SITE` for one command."""
