@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from standby.core import config, plugins
-from standby.core.errors import ConfigError, RoleNotConfigured, StandbyError
+from standby.core.errors import ConfigError, NotFound, RoleNotConfigured, StandbyError
 
 from .common import JsonOpt, emit, home, out, size_text, table
 
@@ -118,11 +118,14 @@ def sites_check(name: str, as_json: JsonOpt = False) -> None:
     """Connect to a site and report what it offers."""
     site = config.get_site(name, home())
     facts: dict[str, list[str]] = {}
+    absent: list[str] = []  # roles the plugin does not offer at all (a vault is no source)
     for role, getter in (("source", plugins.source_class), ("target", plugins.target_class)):
         try:
             cls = getter(site.plugin)
         except StandbyError as exc:
             facts[role] = [f"not available: {exc}"]
+            if isinstance(exc, NotFound):
+                absent.append(role)
             continue
         plugin = cls(site)
         try:
@@ -133,6 +136,8 @@ def sites_check(name: str, as_json: JsonOpt = False) -> None:
             facts[role] = [f"not usable as a target: {exc}"]
         finally:
             plugin.close()
+    if len(absent) == 1:
+        del facts[absent[0]]
     if as_json:
         emit({"site": name, "plugin": site.plugin, **facts})
         return
