@@ -14,6 +14,8 @@ import pytest
 from test_physical_to_azure import latest_point
 
 from standby.core.config import Policy
+from standby.core.errors import IntegrityError
+from standby.core.vault.seal import is_sealed, site_sealer
 from standby.plugins.physical import lab as lab_mod
 from support.azure import AzureEnv
 from support.labenv import Lab, MiB, write_site
@@ -189,3 +191,25 @@ def test_a_flipped_byte_is_found_and_named_and_only_its_points_refuse(lab: Lab) 
     r = env.cli("failover", "cleanup", "vt3", env=ENV)
     point = latest_point(env, "vt1")
     assert point is not None and restored_equals_source(env, "vt1", "vda")
+
+
+def test_a_kvm_target_naming_the_vault_seals_its_point_records(lab: Lab) -> None:
+    env = lab
+    dr = (env.home / "sites" / "dr.toml").read_text().replace("/pool", "/spool")
+    write_site(env.home, "drs", dr + 'vault = "v1"\n')
+    env.create_vm("vt4", [("vda", 8 * MiB, "qcow2")])
+    env.write("vt4", "vda", 0, 1 * MiB, 0x41)
+    env.engine.protect("vt4", "src", "drs", Policy(retain_count=2))
+    env.engine.replicate("vt4")
+    point = latest_point(env, "vt4")
+    files = list((env.base / "spool").rglob(f"point-{point.id}.sbv"))
+    assert len(files) == 1
+    blob = files[0].read_bytes()
+    assert is_sealed(blob) and b"vt4" not in blob and b"vda" not in blob
+    sealer = site_sealer(env.home, "v1")
+    assert sealer is not None
+    prot = files[0].parent.name.split("-", 1)[0]
+    record = sealer.open_json("kvm-point", f"{prot}/{point.id}", blob, str(files[0]))
+    assert record["vm"]["name"] == "vt4" and record["ref"] == point.ref
+    with pytest.raises(IntegrityError, match="failed authentication"):
+        sealer.open_json("kvm-point", f"{prot}/{point.id + 1}", blob, "moved")

@@ -45,6 +45,8 @@ class PhysicalOptions(SiteOptions):
     work_dir: str | None = None
     pool_dir: str | None = None
     networks: dict[str, str] = Field(default_factory=dict)
+    vault: str | None = None
+    """A vault whose key seals the point records this target keeps beside its replicas."""
 
     @field_validator("uri")
     @classmethod

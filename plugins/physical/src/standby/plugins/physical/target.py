@@ -37,6 +37,7 @@ from standby.core.model import (
     Validation,
     VMSpec,
 )
+from standby.core.vault.seal import site_sealer
 from standby.plugins.physical import conn as lv
 from standby.plugins.physical.domxml import (
     bus_for,
@@ -72,7 +73,9 @@ class PhysicalWriter(OverlayWriter):
             self.pool.flush()
             self.target._stop_appliance(self.pinfo, self.dom, self.pool)
             self.committed = True
-        return self.ref()
+        ref = self.ref()
+        self.target.write_point_record(self.pinfo, point_id, meta, ref)
+        return ref
 
 
 class PhysicalTarget(lv.LibvirtPlugin, Target):
@@ -122,6 +125,21 @@ class PhysicalTarget(lv.LibvirtPlugin, Target):
     def pool_root(self) -> Path:
         assert self.opts.pool_dir is not None
         return Path(self.opts.pool_dir)
+
+    def write_point_record(
+        self, pinfo: ProtectionInfo, point_id: int, meta: Mapping[str, Any] | None, ref: Any
+    ) -> None:
+        """With a `vault` named: the point's record (VM spec, the engine's meta, the files),
+        sealed with the vault's key, beside the replicas (`point-ID.sbv`)."""
+        sealer = site_sealer(self.site.path.parent.parent, self.opts.vault)
+        if sealer is None:
+            return
+        record = {"vm": pinfo.vm.to_dict(), "meta": dict(meta or {}), "ref": ref}
+        blob = sealer.seal_json("kvm-point", f"{pinfo.id}/{point_id}", record)
+        path = self.vm_dir(pinfo) / f"point-{point_id}.sbv"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(blob)
+        tmp.replace(path)
 
     def vm_dir(self, pinfo: ProtectionInfo) -> Path:
         return self.pool_root() / f"{pinfo.id}-{pinfo.vm.name}"
