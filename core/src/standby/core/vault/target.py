@@ -22,7 +22,7 @@ import zstandard
 from pydantic import Field
 
 from standby.core.config import Site, SiteOptions, get_site
-from standby.core.errors import Busy, ConfigError, NotFound, PluginError
+from standby.core.errors import Busy, ConfigError, NotFound, PluginError, TransientError
 from standby.core.extents import Intervals, normalize, subtract
 from standby.core.interfaces import Buffer, ReplicaWriter, Target, TargetCapabilities
 from standby.core.model import (
@@ -68,20 +68,24 @@ class VaultWriter(ReplicaWriter):
         self.tag = self.vault.vm_tag(prot.vm.id)
         self.level = target.opts.compression
         self.lock = threading.Lock()
-        self.buf = bytearray()
-        self.table: list[tuple[bytes, int, int]] = []
-        self.buffered: dict[bytes, tuple[int, int]] = {}
+        self.idle = threading.Condition(self.lock)
+        self.open_pack: list[tuple[bytes, bytes]] = []  # (chunk id, sealed blob)
+        self.open_bytes = 0
+        self.unstored: dict[bytes, bytes] = {}  # every chunk not yet in a stored pack
+        self.uploading = 0
+        self.failed = False
         self.stored = 0
 
     def _known(self, cid: bytes) -> bool:
-        return cid in self.vault.index or cid in self.buffered
+        return cid in self.vault.index or cid in self.unstored
 
     def write(self, disk: str, offset: int, data: Buffer) -> None:
         self.write_many(disk, [(offset, data)])
 
     def write_many(self, disk: str, pieces: list[tuple[int, Buffer]]) -> None:
         """Cut at chunk boundaries, name, skip the known, compress and seal the rest (outside
-        the lock), then append them to the open pack and map them."""
+        the lock), then add them to the open pack and map them; a full pack is stored by
+        this thread outside the lock, so the others go on compressing."""
         size = self.vault.chunk
         cut: list[tuple[int, int, bytes, memoryview]] = []
         for offset, data in pieces:
@@ -100,22 +104,62 @@ class VaultWriter(ReplicaWriter):
         with self.lock:
             for cid, blob in blobs:
                 if not self._known(cid):
-                    self.buffered[cid] = (len(self.buf), len(blob))
-                    self.table.append((cid, len(self.buf), len(blob)))
-                    self.buf += blob
+                    self.unstored[cid] = blob
+                    self.open_pack.append((cid, blob))
+                    self.open_bytes += len(blob)
             m = self.maps[disk]
             for start, end, cid, _p in cut:
                 m.set(start, end, cid)
-            if len(self.buf) >= PACK_BYTES:
-                self._store_pack()
+            full = self._take_pack() if self.open_bytes >= PACK_BYTES else None
+        if full:
+            self._store(full)
 
-    def _store_pack(self) -> None:
-        """Write the open pack and its table (under the lock)."""
-        if not self.table:
-            return
-        self.vault.put_pack(new_pack_id(), bytes(self.buf), self.table)
-        self.stored += len(self.buf)
-        self.buf, self.table, self.buffered = bytearray(), [], {}
+    def _take_pack(self) -> list[tuple[bytes, bytes]]:
+        """The open pack, to store (under the lock)."""
+        taken, self.open_pack, self.open_bytes = self.open_pack, [], 0
+        if taken:
+            self.uploading += 1
+        return taken
+
+    def _store(self, chunks: list[tuple[bytes, bytes]]) -> None:
+        """Write a pack and its table; on failure its chunks go back into the open pack, so
+        the engine's retry stores them."""
+        rows, at = [], 0
+        for cid, blob in chunks:
+            rows.append((cid, at, len(blob)))
+            at += len(blob)
+        try:
+            self.vault.put_pack(new_pack_id(), b"".join(b for _c, b in chunks), rows)
+        except BaseException:
+            with self.lock:
+                self.open_pack[:0] = chunks
+                self.open_bytes += at
+                self.failed = True
+                self.uploading -= 1
+                self.idle.notify_all()
+            raise
+        with self.lock:
+            for cid, _b in chunks:
+                self.unstored.pop(cid, None)
+            self.stored += at
+            self.uploading -= 1
+            self.idle.notify_all()
+
+    def _store_all(self) -> dict[str, Any]:
+        """Store the open pack and wait for every pack in flight; returns the disk maps as
+        they were when the open pack was taken (every chunk they name is then stored)."""
+        with self.lock:
+            last = self._take_pack()
+            maps = encode_maps(self.maps)
+            self.failed = False
+        if last:
+            self._store(last)
+        with self.lock:
+            while self.uploading:
+                self.idle.wait()
+            if self.failed:  # its chunks went back into the open pack
+                raise TransientError(f"vault '{self.vault.name}': a pack could not be stored")
+        return maps
 
     def write_zeroes(self, disk: str, extent: Extent) -> None:
         with self.lock:
@@ -123,8 +167,7 @@ class VaultWriter(ReplicaWriter):
 
     def _chunk(self, cid: bytes) -> bytes:
         with self.lock:
-            at = self.buffered.get(cid)
-            blob = bytes(self.buf[at[0] : at[0] + at[1]]) if at else None
+            blob = self.unstored.get(cid)
         if blob is not None:
             return self.vault.decode(cid, blob, f"chunk {cid.hex()[:16]} (unstored)")
         return self.vault.read_chunk(cid)
@@ -135,9 +178,7 @@ class VaultWriter(ReplicaWriter):
         return assemble(extent, pieces, self._chunk)
 
     def flush(self) -> None:
-        with self.lock:
-            self._store_pack()
-            record = {"cycle": self.cycle_id, "base": self.base, "disks": encode_maps(self.maps)}
+        record = {"cycle": self.cycle_id, "base": self.base, "disks": self._store_all()}
         self.vault.put_record("pending", f"{self.tag}/{self.cycle_id:010d}", record)
 
     def unproven(self, disk: str, written: Intervals, planned: Intervals) -> Intervals:
@@ -152,9 +193,7 @@ class VaultWriter(ReplicaWriter):
         ref = {"vault": self.vault.name, "vm": self.tag, "point": point_id}
         if rid in self.vault.record_ids("points", f"{self.tag}/"):
             return ref
-        with self.lock:
-            self._store_pack()
-            maps = encode_maps(self.maps)
+        maps = self._store_all()
         record = {
             "point": point_id,
             "vm": self.prot.vm.to_dict(),
