@@ -254,7 +254,7 @@ class AwsClients:
             region_name=self.opts.region,
         )
 
-    def _kwargs(self) -> dict[str, Any]:
+    def _kwargs(self, **config: Any) -> dict[str, Any]:
         from botocore.config import Config
 
         cfg = Config(
@@ -264,12 +264,14 @@ class AwsClients:
             connect_timeout=self.opts.connect_timeout,
             read_timeout=self.opts.read_timeout,
             tcp_keepalive=True,
-        )
+        ).merge(Config(**config))
         return {"endpoint_url": self.opts.endpoint_url, "verify": self.verify, "config": cfg}
 
-    def _client(self, service: str) -> Any:
+    def client(self, service: str, **config: Any) -> Any:
+        """A new client of the site's session for `service` (its endpoint, pinned CA, timeouts),
+        `config` overriding botocore Config options; the caller closes it."""
         with self._lock:
-            client = self.session.client(service, **self._kwargs())
+            client = self.session.client(service, **self._kwargs(**config))
         client.meta.events.register("needs-retry.*", self._on_retry)
         return client
 
@@ -284,11 +286,11 @@ class AwsClients:
 
     @cached_property
     def ec2(self) -> Any:
-        return self._client("ec2")
+        return self.client("ec2")
 
     @cached_property
     def ebs(self) -> Any:
-        return self._client("ebs")
+        return self.client("ebs")
 
     def close(self) -> None:
         for name in ("ec2", "ebs"):

@@ -23,6 +23,8 @@ from standby.core.errors import (
 )
 
 PUBLIC_ARM = "https://management.azure.com"
+CONTAINER_RE = re.compile(r"[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}")
+"""A valid blob container name."""
 _T = TypeVar("_T")
 
 
@@ -88,7 +90,7 @@ class AzureOptions(SiteOptions):
     @field_validator("container")
     @classmethod
     def _container(cls, value: str) -> str:
-        if not re.fullmatch(r"[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}", value):
+        if not CONTAINER_RE.fullmatch(value):
             raise ValueError(f"'{value}' is not a valid blob container name")
         return value
 
@@ -279,15 +281,15 @@ class AzureClients:
         return {"connection_verify": self.verify, "retry_total": 3}
 
     @cached_property
-    def container(self) -> Any:
-        """The replicas' container client (account key when given, else the AAD credential)."""
+    def service(self) -> Any:
+        """The storage account's client (account key when given, else the AAD credential)."""
         from azure.storage.blob import BlobServiceClient
 
         cred: Any = self.credential
         if self.opts.storage_key:
             key = self.opts.secret("storage_key")
             cred = {"account_name": self.opts.account_name, "account_key": key}
-        service = BlobServiceClient(
+        return BlobServiceClient(
             self.opts.blob_endpoint,
             credential=cred,
             max_single_put_size=4 << 20,
@@ -299,7 +301,11 @@ class AzureClients:
             connection_verify=self.verify,
             retry_total=1,  # the engine retries whole writes (with backoff) on top of this
         )
-        return service.get_container_client(self.opts.container)
+
+    @cached_property
+    def container(self) -> Any:
+        """The replicas' container client."""
+        return self.service.get_container_client(self.opts.container)
 
     @cached_property
     def compute(self) -> Any:
@@ -334,7 +340,7 @@ class AzureClients:
         return 0.2 if self.opts.arm_endpoint != PUBLIC_ARM else 5.0
 
     def close(self) -> None:
-        for name in ("container", "compute", "network"):
+        for name in ("container", "service", "compute", "network"):
             client = self.__dict__.pop(name, None)
             if client is not None:
                 try:
