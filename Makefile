@@ -14,7 +14,7 @@ APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system 
 # reaped; this machine's init reaps every ~2 s (systemd at once). `tini -s` reaps them at once.
 REAP := tini -s --
 
-.PHONY: setup demo demo-azure demo-plan demo-vmware demo-hyperv demo-aws demo-vault test lint bench bench-azure bench-rpo bench-rto bench-vmware bench-hyperv bench-aws clean
+.PHONY: setup demo demo-azure demo-plan demo-vmware demo-hyperv demo-aws demo-vault test lint bench bench-azure bench-rpo bench-rto bench-vmware bench-hyperv bench-aws bench-vault clean
 
 setup:
 	@bash scripts/setup.sh $(APT_PACKAGES)
@@ -68,6 +68,9 @@ bench-hyperv: setup
 
 bench-aws: setup
 	$(REAP) uv run python benchmarks/bench_aws.py
+
+bench-vault: setup
+	$(REAP) uv run python benchmarks/bench_vault.py
 
 clean:
 	rm -rf .venv demo-work .pytest_cache .mypy_cache .ruff_cache
