@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("interfaces", "plugins", "testing", "imagefiles"),
     ("state",),
     ("engine",),
-    ("lifecycle", "plans"),
+    ("lifecycle", "plans", "vault"),
     ("cli", "entry", "__main__"),
 ]
 """Top-level parts of standby.core, low to high."""

@@ -14,9 +14,11 @@ import pytest
 from test_physical_to_azure import latest_point
 
 from standby.core.config import Policy
-from standby.core.errors import IntegrityError
+from standby.core.errors import ConfigError, IntegrityError
+from standby.core.state import protection_info
 from standby.core.vault.seal import is_sealed, site_sealer
 from standby.plugins.physical import lab as lab_mod
+from standby.providers.azure import storage
 from support.azure import AzureEnv
 from support.labenv import Lab, MiB, write_site
 
@@ -213,3 +215,30 @@ def test_a_kvm_target_naming_the_vault_seals_its_point_records(lab: Lab) -> None
     assert record["vm"]["name"] == "vt4" and record["ref"] == point.ref
     with pytest.raises(IntegrityError, match="failed authentication"):
         sealer.open_json("kvm-point", f"{prot}/{point.id + 1}", blob, "moved")
+
+
+def test_an_azure_target_naming_the_vault_seals_its_manifests(lab: Lab, azenv: AzureEnv) -> None:
+    env = lab
+    write_site(env.home, "azs", azenv.site_toml("sealed", vault="v1"))
+    env.create_vm("vt5", [("vda", 8 * MiB, "qcow2")])
+    env.write("vt5", "vda", 0, 1 * MiB, 0x45)
+    env.engine.protect("vt5", "src", "azs", Policy(retain_count=2))
+    env.engine.replicate("vt5")
+    env.write("vt5", "vda", 2 * MiB, 65536, 0x46)
+    env.engine.replicate("vt5")
+    container = env.engine.target("azs").clients.container
+    names = [b.name for b in container.list_blobs() if "/points/" in b.name]
+    assert len(names) == 2
+    for name in names:
+        blob = container.download_blob(name).readall()
+        assert is_sealed(blob) and b"vt5" not in blob and b"snapshot" not in blob
+    env.release()
+    r = env.cli("failover", "vt5", "--test", "--json", check=True, env=ENV)
+    assert json.loads(r.stdout)["target_vm"] == "vt5-test"
+    env.cli("failover", "cleanup", "vt5", check=True, env=ENV)
+    point = latest_point(env, "vt5")
+    with env.engine.state.session() as s:
+        pinfo = protection_info(env.engine.state.protection(s, "vt5"))
+    container = env.engine.target("azs").clients.container
+    with pytest.raises(ConfigError, match="sealed with a vault key"):  # without the vault's key
+        storage.read_manifest(container, pinfo, point.id, None)

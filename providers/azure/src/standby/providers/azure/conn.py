@@ -73,6 +73,8 @@ class AzureOptions(SiteOptions):
     test_network: NetworkRef = Field(
         default_factory=lambda: NetworkRef(vnet="standby-test-isolated", subnet="isolated")
     )
+    vault: str | None = None
+    """A vault whose key seals the point manifests kept beside the replica blobs."""
     vm_size: str | None = None
     disk_sku: Literal["Standard_LRS", "StandardSSD_LRS", "Premium_LRS"] = "Standard_LRS"
     prices: str | None = None

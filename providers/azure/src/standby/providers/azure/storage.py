@@ -27,6 +27,7 @@ from standby.core.errors import PluginError, TransientError
 from standby.core.extents import Intervals
 from standby.core.interfaces import Buffer, ReplicaWriter
 from standby.core.model import DiskSpec, Extent, ProtectionInfo
+from standby.core.vault.seal import MetaSealer, open_meta
 from standby.providers.azure import vhd
 from standby.providers.azure.conn import azure_errors
 
@@ -207,8 +208,10 @@ class PageBlobDisk:
 class PageBlobWriter(ReplicaWriter):
     """A cycle's writes: straight into the base blobs (points are snapshots of them)."""
 
-    def __init__(self, container: Any, protection: ProtectionInfo, cycle_id: int) -> None:
+    def __init__(self, container: Any, protection: ProtectionInfo, cycle_id: int,
+                 sealer: MetaSealer | None = None) -> None:  # fmt: skip
         self.container = container
+        self.sealer = sealer
         self.protection = protection
         self.cycle_id = cycle_id
         self.disks = {
@@ -246,7 +249,7 @@ class PageBlobWriter(ReplicaWriter):
         return []
 
     def commit_point(self, point_id: int, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        existing = read_manifest(self.container, self.protection, point_id)
+        existing = read_manifest(self.container, self.protection, point_id, self.sealer)
         if existing is not None:
             return point_ref(existing)
         snaps = {name: d.snapshot(point_id) for name, d in self.disks.items()}
@@ -269,10 +272,13 @@ class PageBlobWriter(ReplicaWriter):
             },
         }
         name = manifest_blob(self.protection, point_id)
+        body = (
+            self.sealer.seal_json("azure-point", name, manifest)
+            if self.sealer
+            else json.dumps(manifest, indent=1).encode()
+        )
         with azure_errors(f"write point manifest {name}"):
-            self.container.upload_blob(
-                name, json.dumps(manifest, indent=1).encode(), overwrite=True
-            )
+            self.container.upload_blob(name, body, overwrite=True)
         return point_ref(manifest)
 
 
@@ -285,13 +291,17 @@ def point_ref(manifest: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def read_manifest(container: Any, protection: ProtectionInfo, point_id: int) -> Any:
-    """A point's manifest, or None when the point was never sealed."""
+def read_manifest(
+    container: Any, protection: ProtectionInfo, point_id: int, sealer: MetaSealer | None = None
+) -> Any:
+    """A point's manifest, or None when the point was never sealed; sealed with a vault's key
+    when the site names one (IntegrityError naming the blob when it was changed)."""
     from azure.core.exceptions import ResourceNotFoundError
 
     name = manifest_blob(protection, point_id)
     with azure_errors(f"read point manifest {name}"):
         try:
-            return json.loads(container.download_blob(name).readall())
+            blob = container.download_blob(name).readall()
         except ResourceNotFoundError:
             return None
+    return open_meta(sealer, "azure-point", name, blob, f"point manifest {name}")

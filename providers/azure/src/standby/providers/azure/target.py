@@ -19,6 +19,7 @@ from standby.core.model import (
     Validation,
     VMSpec,
 )
+from standby.core.vault.seal import MetaSealer, site_sealer
 from standby.providers.azure import compute, cost, storage
 from standby.providers.azure.conn import AzurePlugin, azure_errors, call
 
@@ -74,6 +75,11 @@ class AzureTarget(AzurePlugin, Target):
         )
         return Validation(problems=problems, size=size, notes=notes)
 
+    @property
+    def sealer(self) -> MetaSealer | None:
+        """The sealer of the vault this site names (its manifests are sealed), or None."""
+        return site_sealer(self.site.path.parent.parent, self.opts.vault)
+
     def prepare(self, protection: ProtectionInfo) -> None:
         self._ensure_container()
 
@@ -81,7 +87,9 @@ class AzureTarget(AzurePlugin, Target):
     def open_writer(
         self, protection: ProtectionInfo, cycle_id: int, base: PointInfo | None
     ) -> Iterator[ReplicaWriter]:
-        yield storage.PageBlobWriter(self.clients.container, protection, cycle_id).open()
+        yield storage.PageBlobWriter(
+            self.clients.container, protection, cycle_id, self.sealer
+        ).open()
 
     def _disks(self, protection: ProtectionInfo) -> list[storage.PageBlobDisk]:
         return [
@@ -95,7 +103,8 @@ class AzureTarget(AzurePlugin, Target):
             snaps = {
                 pid: ts
                 for pid, ts in disk.snapshots().items()
-                if storage.read_manifest(self.clients.container, protection, pid) is not None
+                if storage.read_manifest(self.clients.container, protection, pid, self.sealer)
+                is not None
             }
             if not disk.exists():
                 continue
