@@ -240,14 +240,14 @@ def restore_disk(
     disk: str,
     out_file: Annotated[Path, typer.Option("--out")],
     point: Annotated[int | None, typer.Option(help="Point id (default: newest).")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="raw, qcow2 or vhdx")] = "raw",
+    fmt: Annotated[str, typer.Option("--format", help="raw, qcow2, vhd or vhdx")] = "raw",
 ) -> None:
     """Write one disk of a point to a local file (forensics)."""
     from standby.core.vault.adopt import restore_disk_file
     from standby.core.vault.vault import Vault
 
-    if fmt not in ("raw", "qcow2", "vhdx"):
-        raise ConfigError("--format must be raw, qcow2 or vhdx")
+    if fmt not in ("raw", "qcow2", "vhd", "vhdx"):
+        raise ConfigError("--format must be raw, qcow2, vhd or vhdx")
     vault = Vault.opened(name, home(), _ask)
     pid, size = restore_disk_file(vault, vm, disk, point, out_file, fmt)
     out.print(f"{vm} {disk} of point {pid} ({size} bytes) written to {out_file} ({fmt})")

@@ -142,7 +142,9 @@ def restore_disk_file(vault: Vault, vm_key: str, disk: str, point: int | None, o
             f.write(assemble(Extent(lo, hi - lo), list(m.pieces(lo, hi)), vault.read_chunk))
     if fmt != "raw":
         try:
-            subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", fmt, str(raw), str(out)],
+            # qemu-img calls VHD "vpc"; force_size keeps the disk's exact size (no CHS rounding)
+            opts = ["-O", "vpc", "-o", "force_size=on"] if fmt == "vhd" else ["-O", fmt]
+            subprocess.run(["qemu-img", "convert", "-f", "raw", *opts, str(raw), str(out)],
                            check=True, capture_output=True)  # fmt: skip
         except (OSError, subprocess.CalledProcessError) as exc:
             raise PluginError(f"qemu-img convert to {fmt} failed: {exc}") from exc
