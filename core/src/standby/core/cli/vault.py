@@ -71,10 +71,7 @@ def create(
     key = os.urandom(32)
     st = cfg.open_store(base)
     vid = Vault.create(st, name, key)
-    keyfile = KeyFile.wrap(key, vid, name, secret, tune(kdf_seconds))
-    cfg.save(base)
-    cfg.key_path(base).write_text(keyfile.to_json())
-    cfg.key_path(base).chmod(0o600)
+    cfg.register(KeyFile.wrap(key, vid, name, secret, tune(kdf_seconds)), base)
     out.print(f"vault '{name}' created in {st.url} (id {vid}); keep its key safe offline: "
               f"`standby vault key export {name} --out FILE`")  # fmt: skip
 
@@ -87,18 +84,14 @@ def passphrase_change(
 ) -> None:
     """Rewrap the vault key under a new passphrase (no data is touched)."""
     from standby.core.config import resolve_secret
-    from standby.core.vault.vault import VaultConfig
+    from standby.core.vault.vault import VaultConfig, write_private
 
     base = home()
     cfg = VaultConfig.load(name, base)
     keyfile = cfg.key(base)
     old = resolve_secret(passphrase, "--passphrase") if passphrase else cfg.passphrase_value(_ask)
     fresh = resolve_secret(new, "--new") if new else _ask(f"new passphrase of '{name}'", True)
-    rewrapped = keyfile.rewrapped(old, fresh)
-    tmp = cfg.key_path(base).with_suffix(".key.tmp")
-    tmp.write_text(rewrapped.to_json())
-    tmp.chmod(0o600)
-    tmp.replace(cfg.key_path(base))
+    write_private(cfg.key_path(base), keyfile.rewrapped(old, fresh).to_json())
     out.print(f"vault '{name}': passphrase changed; export the key again (older key files "
               "still open it with the old passphrase)")  # fmt: skip
 
@@ -106,12 +99,10 @@ def passphrase_change(
 @key_app.command("export")
 def key_export(name: str, out_file: Annotated[Path, typer.Option("--out")]) -> None:
     """Write the wrapped key file to keep offline (useless without the passphrase)."""
-    from standby.core.vault.vault import VaultConfig
+    from standby.core.vault.vault import VaultConfig, write_private
 
     cfg = VaultConfig.load(name, home())
-    text = cfg.key(home()).to_json()
-    out_file.write_text(text)
-    out_file.chmod(0o600)
+    write_private(out_file, cfg.key(home()).to_json())
     out.print(f"vault '{name}': key written to {out_file}")
 
 
@@ -137,9 +128,7 @@ def open_(
     key = keyfile.unwrap(secret)
     vault = Vault.open(name, cfg.open_store(base), key, keyfile.vault_id)
     protections = vault.record_ids("protections")
-    cfg.save(base)
-    cfg.key_path(base).write_text(keyfile.to_json())
-    cfg.key_path(base).chmod(0o600)
+    cfg.register(keyfile, base)
     out.print(f"vault '{name}' opened: {len(protections)} protection(s); "
               f"`standby vault import {name} --site SITE` readies them here")  # fmt: skip
 

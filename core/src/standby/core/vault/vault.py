@@ -99,6 +99,11 @@ class VaultConfig:
         path.write_text("\n".join(lines) + "\n")
         return path
 
+    def register(self, keyfile: KeyFile, base: Path | None = None) -> None:
+        """Save this config and the vault's wrapped key here (`NAME.toml`, `NAME.key`)."""
+        self.save(base)
+        write_private(self.key_path(base), keyfile.to_json())
+
     def key_path(self, base: Path | None = None) -> Path:
         return self.directory(base) / f"{self.name}.key"
 
@@ -126,6 +131,18 @@ class VaultConfig:
                 "reference or STANDBY_VAULT_PASSPHRASE"
             )
         return prompt(f"passphrase of vault '{self.name}'")
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (0600 before any byte is in it), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------ the vault
