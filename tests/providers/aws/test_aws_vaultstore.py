@@ -12,10 +12,10 @@ import pytest
 from standby.core.config import get_site
 from standby.core.errors import AuthError, ConfigError, NotFound, TransientError
 from standby.core.vault.store import open_store
-from standby.core.vault.vault import Vault
 from standby.providers.aws.vaultstore import S3Store, open_s3
 from support.aws import REGION, AwsEnv
 from support.labenv import write_site
+from support.vaultcheck import vault_round_trip
 
 
 def _bucket(awsenv: AwsEnv) -> str:
@@ -64,19 +64,7 @@ def test_s3_store_objects(s3store: S3Store, awsenv: AwsEnv) -> None:
 
 
 def test_s3_store_vault_round_trip(s3store: S3Store) -> None:
-    key = os.urandom(32)
-    vid = Vault.create(s3store, "t", key)
-    v = Vault.open("t", s3store, key, vid)
-    v.put_record("points", "a/1", {"x": 1})
-    assert v.get_record("points", "a/1") == {"x": 1}
-    data = os.urandom(5000) + bytes(20000)
-    cid = v.sealer.chunk_id(data)
-    blob = v.encode(cid, data, 3)
-    v.put_pack("p1", blob, [(cid, 0, len(blob))])
-    v.load_index(force=True)
-    assert v.read_chunk(cid) == data
-    with pytest.raises(AuthError):
-        Vault.open("t", s3store, os.urandom(32))
+    vault_round_trip(s3store)
 
 
 def test_s3_store_urls_and_errors(awsenv: AwsEnv, tmp_path: Path) -> None:

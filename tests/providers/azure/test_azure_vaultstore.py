@@ -13,10 +13,10 @@ import pytest
 from standby.core.config import get_site
 from standby.core.errors import AuthError, ConfigError, NotFound, TransientError
 from standby.core.vault.store import open_store
-from standby.core.vault.vault import Vault
 from standby.providers.azure.vaultstore import BlobStore, open_azure
 from support.azure import AzureEnv
 from support.labenv import write_site
+from support.vaultcheck import vault_round_trip
 
 
 def _open(azenv: AzureEnv, home: Path, url: str, **extra: object) -> BlobStore:
@@ -72,19 +72,7 @@ def test_blob_store_large_object(blobstore: BlobStore) -> None:
 
 
 def test_blob_store_vault_round_trip(blobstore: BlobStore) -> None:
-    key = os.urandom(32)
-    vid = Vault.create(blobstore, "t", key)
-    v = Vault.open("t", blobstore, key, vid)
-    v.put_record("points", "a/1", {"x": 1})
-    assert v.get_record("points", "a/1") == {"x": 1}
-    data = os.urandom(5000) + bytes(20000)
-    cid = v.sealer.chunk_id(data)
-    blob = v.encode(cid, data, 3)
-    v.put_pack("p1", blob, [(cid, 0, len(blob))])
-    v.load_index(force=True)
-    assert v.read_chunk(cid) == data
-    with pytest.raises(AuthError):
-        Vault.open("t", blobstore, os.urandom(32))
+    vault_round_trip(blobstore)
 
 
 def test_blob_store_urls_and_errors(
